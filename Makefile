@@ -1,0 +1,37 @@
+# actcomp: `make reproduce` (the main job) and `make test`. Both install into .venv first when needed.
+SHELL := /bin/bash
+PY := .venv/bin/python
+STAMP := .venv/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export PYTHONHASHSEED := 0
+
+.PHONY: install test lint reproduce figures data clean-results
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Real offline data (Fashion-MNIST, Debian package); harmless when already there or when apt is unavailable.
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then echo "fashion-mnist: present"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) \
+	  && echo "fashion-mnist: installed" || echo "fashion-mnist: apt install failed (see README: Data)"; \
+	else echo "fashion-mnist: not installed and apt unavailable (see README: Data)"; fi
+
+test: install data
+	WANDB_MODE=disabled $(PY) -m pytest
+
+lint: install
+	.venv/bin/ruff check .
+
+reproduce: install data
+	$(PY) -m benchmarks.reproduce $(if $(QUICK),quick=true,)
+
+figures: install
+	$(PY) -m benchmarks.figures

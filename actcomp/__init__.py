@@ -1,0 +1,16 @@
+"""actcomp: backpropagation with compressed activations (Barley & Froening, arXiv 2409.11902), for any timm model.
+
+    import actcomp, timm
+    model = actcomp.compress(timm.create_model("resnet18"), "pool4")   # the paper's method
+    model = actcomp.compress(model, "full4")                           # + every other saved tensor compressed
+    actcomp.saved_bytes(model, x).by_kind                              # what backward keeps, by op
+"""
+from .accounting import SavedReport, conv_table, saved_bytes
+from .config import PRESETS, ActcompError, CompressionConfig, as_config, get_preset
+from .convert import compress, config_of, plan, restore, summary
+
+__all__ = [
+    "PRESETS", "ActcompError", "CompressionConfig", "SavedReport", "as_config", "compress", "config_of",
+    "conv_table", "get_preset", "plan", "restore", "saved_bytes", "summary",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,156 @@
+"""Compression configuration, presets and validation (no torch model is touched here)."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ActcompError(ValueError):
+    """Invalid configuration or model for compression (the message is one line, fit for a CLI)."""
+
+
+_CHOICES = {
+    "conv_pool": ("avg", "max"),
+    "relu": ("none", "bitmask"),
+    "act": ("none", "int8"),
+    "norm": ("none", "int8"),
+    "pool": ("none", "int8"),
+    "linear": ("none", "int8"),
+    "mul": ("none", "int8"),
+    "peer": ("none", "ckpt", "int8", "offload"),
+}
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """What each kind of op saves for backward.
+
+    block: conv-input pooling factor b; an int for every conv, or a mapping of module-name glob patterns to b
+        (first match wins, unmatched convs stay native), e.g. ``{"layer1.*": 2, "*": 4}``.
+    conv_pool: "avg" (the paper) or "max".
+    copy_b1: route b=1 convs through the compressed function, saving ``avg_pool2d(x, 1)``: the authors'
+        uncompressed baseline, which keeps a full copy. Without it, b=1 is native PyTorch.
+    grad_filter: also pool the output gradient and compute the weight gradient at low resolution.
+    relu/act/norm/pool/linear/mul: how ReLU-family activations, value activations (SiLU, GELU, ...),
+        normalization inputs, max-pool indices, Linear inputs and squeeze-excite gating muls are saved.
+    include/exclude: module-name glob patterns restricting which modules are converted.
+    peer: a non-pooling baseline applied to the whole model (checkpointing, int8 everything, CPU offload).
+    """
+
+    name: str = "custom"
+    block: int | Mapping[str, int] = 1
+    conv_pool: str = "avg"
+    copy_b1: bool = False
+    grad_filter: bool = False
+    relu: str = "none"
+    act: str = "none"
+    norm: str = "none"
+    pool: str = "none"
+    linear: str = "none"
+    mul: str = "none"
+    stochastic_rounding: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    peer: str = "none"
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def compresses_convs(self) -> bool:
+        blocks = self.block.values() if isinstance(self.block, Mapping) else [self.block]
+        return self.copy_b1 or any(b > 1 for b in blocks)
+
+    def replace(self, **kw) -> CompressionConfig:
+        return dataclasses.replace(self, **kw)
+
+
+def _check_block(b, where="block"):
+    if isinstance(b, bool) or not isinstance(b, int):
+        raise ActcompError(f"{where} must be an int >= 1, got {b!r} ({type(b).__name__})")
+    if b < 1:
+        raise ActcompError(f"{where} must be an int >= 1, got {b}")
+
+
+def validate(cfg: CompressionConfig) -> None:
+    if isinstance(cfg.block, Mapping):
+        if not cfg.block:
+            raise ActcompError("block mapping is empty; give an int or {pattern: int}")
+        for pat, b in cfg.block.items():
+            if not isinstance(pat, str):
+                raise ActcompError(f"block pattern must be a string, got {pat!r}")
+            _check_block(b, f"block[{pat!r}]")
+    else:
+        _check_block(cfg.block)
+    for key, allowed in _CHOICES.items():
+        v = getattr(cfg, key)
+        if v not in allowed:
+            raise ActcompError(f"{key}={v!r} is not one of {', '.join(allowed)}")
+    for key in ("include", "exclude"):
+        v = getattr(cfg, key)
+        if isinstance(v, str) or not all(isinstance(p, str) for p in v):
+            raise ActcompError(f"{key} must be a list of glob patterns, got {v!r}")
+    if cfg.peer != "none" and (cfg.compresses_convs or any(getattr(cfg, k) != "none" for k in _WHOLE_SET)):
+        raise ActcompError(f"peer={cfg.peer!r} is a stand-alone baseline; do not combine it with other compression")
+
+
+_WHOLE_SET = ("relu", "act", "norm", "pool", "linear", "mul")
+_FULL = dict(relu="bitmask", act="int8", norm="int8", pool="int8", linear="int8", mul="int8")
+
+PRESETS: dict[str, CompressionConfig] = {
+    p.name: p
+    for p in [
+        CompressionConfig("none", description="native PyTorch: nothing compressed"),
+        CompressionConfig("authors_b1", copy_b1=True,
+                          description="the authors' baseline: every conv through the function with b=1 (full copy)"),
+        CompressionConfig("pool2", block=2, description="the paper's method: conv inputs 2x2 average-pooled"),
+        CompressionConfig("pool4", block=4, description="the paper's method: conv inputs 4x4 average-pooled"),
+        CompressionConfig("pool8", block=8, description="the paper's method: conv inputs 8x8 average-pooled"),
+        CompressionConfig("maxpool2", block=2, conv_pool="max", description="conv inputs 2x2 max-pooled"),
+        CompressionConfig("pool2_gf", block=2, grad_filter=True,
+                          description="pool2 + gradient filtering (output gradient pooled too)"),
+        CompressionConfig("pool4_gf", block=4, grad_filter=True,
+                          description="pool4 + gradient filtering (output gradient pooled too)"),
+        CompressionConfig("full2", block=2, **_FULL,
+                          description="conv inputs 2x2 pooled + every other saved tensor compressed"),
+        CompressionConfig("full4", block=4, **_FULL,
+                          description="conv inputs 4x4 pooled + every other saved tensor compressed"),
+        CompressionConfig("ckpt", peer="ckpt", description="peer: gradient checkpointing (timm set_grad_checkpointing)"),
+        CompressionConfig("int8", peer="int8", description="peer: every saved float tensor as per-group uint8 (ActNN/GACT-style)"),
+        CompressionConfig("offload", peer="offload", description="peer: saved tensors offloaded to host memory (save_on_cpu)"),
+    ]
+}
+
+
+def get_preset(name: str) -> CompressionConfig:
+    if not isinstance(name, str) or name not in PRESETS:
+        close = difflib.get_close_matches(str(name), PRESETS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ActcompError(f"unknown preset {name!r}{hint}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def as_config(spec: str | CompressionConfig | Mapping[str, Any]) -> CompressionConfig:
+    """A preset name, a CompressionConfig, or a mapping (optionally with ``preset`` as the base)."""
+    if isinstance(spec, CompressionConfig):
+        return spec
+    if isinstance(spec, str):
+        return get_preset(spec)
+    if isinstance(spec, Mapping):
+        d = dict(spec)
+        base = get_preset(d.pop("preset")) if "preset" in d else CompressionConfig()
+        known = {f.name for f in dataclasses.fields(CompressionConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ActcompError(f"unknown compression option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        for key in ("include", "exclude"):
+            if key in d and not isinstance(d[key], str):
+                d[key] = tuple(d[key])
+        if isinstance(d.get("block"), Mapping):
+            d["block"] = dict(d["block"])
+        return base.replace(**d)
+    raise ActcompError(f"compression must be a preset name, CompressionConfig or mapping, got {type(spec).__name__}")

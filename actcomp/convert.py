@@ -1,0 +1,325 @@
+"""Model conversion: route each module's saved-for-backward tensors through the compressed ops.
+
+How: every selected module gets a per-instance class swap to a subclass of its own class (as
+``torch.nn.utils.parametrize`` does). The subclass's ``forward`` runs the original ``forward`` inside a
+``TorchFunctionMode`` that redirects only that module's op (``F.conv2d``, ``F.batch_norm``, ``F.relu``, ...)
+to a compressed autograd function with the *same arguments*. So timm's conv variants keep their maths
+(``Conv2dSame`` pads first, ``StdConv2d``/``ScaledStdConv2d`` standardize the weight first and gradients
+still reach the raw weight and gain), the forward output is bitwise the original, and parameters,
+``state_dict`` keys and ``isinstance`` checks are unchanged. ``restore`` swaps the class back.
+
+Eval mode and ``torch.no_grad()`` run the original forward untouched.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from . import ops
+from .config import ActcompError, CompressionConfig, as_config
+from .peers import apply_peer, remove_peer
+
+# --------------------------------------------------------------------------------------- module kinds
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+_ACT_MODULES = ("torch.nn.modules.activation", "timm.layers.activations")
+_SE_NAMES = ("SqueezeExcite", "SEModule", "EffectiveSEModule")
+
+
+def module_kind(m: nn.Module) -> str | None:
+    if isinstance(m, nn.Conv2d):
+        return "conv"
+    if isinstance(m, _NORMS):
+        return "norm"
+    if isinstance(m, nn.MaxPool2d):
+        return "pool"
+    if isinstance(m, nn.Linear):
+        return "linear"
+    cls = getattr(type(m), "_actcomp_orig_cls", type(m))  # judge a converted module by its own class
+    if any(cls.__module__.startswith(p) for p in _ACT_MODULES) and not list(m.children()):
+        return "act"
+    if any(n in cls.__name__ for n in _SE_NAMES):
+        return "se"
+    return None
+
+
+@dataclass
+class ModuleSpec:
+    name: str
+    kind: str
+    cfg: CompressionConfig
+    block: int = 1
+
+
+def _block_for(name: str, cfg: CompressionConfig) -> int:
+    if isinstance(cfg.block, Mapping):
+        for pat, b in cfg.block.items():
+            if fnmatch.fnmatchcase(name, pat):
+                return b
+        return 1
+    return cfg.block
+
+
+def _selected(name: str, cfg: CompressionConfig) -> bool:
+    if cfg.include and not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude)
+
+
+def _wants(spec_kind: str, block: int, cfg: CompressionConfig) -> bool:
+    if spec_kind == "conv":
+        return block > 1 or cfg.copy_b1
+    if spec_kind == "act":
+        return cfg.relu != "none" or cfg.act != "none"
+    if spec_kind == "se":
+        return cfg.mul != "none"
+    return getattr(cfg, spec_kind) != "none"
+
+
+def plan(model: nn.Module, cfg: CompressionConfig) -> list[tuple[str, nn.Module, ModuleSpec]]:
+    """Which modules a config converts, without touching the model."""
+    out = []
+    for name, m in model.named_modules():
+        kind = module_kind(m)
+        if kind is None or not _selected(name, cfg):
+            continue
+        block = _block_for(name, cfg) if kind == "conv" else 1
+        if _wants(kind, block, cfg):
+            out.append((name, m, ModuleSpec(name, kind, cfg, block)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the mode
+
+_RECORDER: list | None = None  # set by summary(): rows describing each compressed call
+
+
+def _record(spec: ModuleSpec, op: str, shape, before: int, after: int, note: str = ""):
+    if _RECORDER is not None:
+        _RECORDER.append(dict(layer=spec.name, op=op, input_shape=tuple(shape), block=spec.block,
+                              saved_bytes_native=before, saved_bytes_compressed=after, note=note))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _bind(args, kwargs, names, defaults):
+    vals = dict(zip(names, args))
+    vals.update(kwargs)
+    return [vals.get(n, defaults.get(n)) for n in names]
+
+
+def _conv(spec, args, kwargs):
+    x, w, b, stride, padding, dilation, groups = _bind(
+        args, kwargs, ["input", "weight", "bias", "stride", "padding", "dilation", "groups"],
+        dict(stride=1, padding=0, dilation=1, groups=1))
+    cfg, blk = spec.cfg, spec.block
+    if x.dim() != 4 or (blk > 1 and (x.shape[-2] < blk or x.shape[-1] < blk)):
+        _record(spec, "conv2d", x.shape, _nbytes(x), _nbytes(x), "skipped: input smaller than block")
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+    after = ops.pooled_nbytes(x.shape, blk, x.element_size())
+    _record(spec, "conv2d", x.shape, _nbytes(x), after)
+    return ops.PooledConv2d.apply(x, w, b, stride, padding, dilation, groups, blk, cfg.conv_pool,
+                                  cfg.grad_filter, cfg.copy_b1, spec.name)
+
+
+def _norm_call(func, spec, args, kwargs):
+    sr = spec.cfg.stochastic_rounding
+    if func is F.batch_norm:
+        x, rm, rv, w, b, training, momentum, eps = _bind(
+            args, kwargs, ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"],
+            dict(weight=None, bias=None, training=False, momentum=0.1, eps=1e-5))
+
+        def fwd(x_, w_, b_):
+            return F.batch_norm(x_, rm, rv, w_, b_, training, momentum, eps)
+
+        def bwd(x_, w_, b_):  # batch statistics of x̂; running buffers untouched
+            return F.batch_norm(x_, None if training else rm, None if training else rv, w_, b_, training, 0.0, eps)
+
+        params = (w, b)
+    elif func is F.layer_norm:
+        x, shape, w, b, eps = _bind(args, kwargs, ["input", "normalized_shape", "weight", "bias", "eps"],
+                                    dict(weight=None, bias=None, eps=1e-5))
+
+        def fwd(x_, w_, b_):
+            return F.layer_norm(x_, shape, w_, b_, eps)
+
+        bwd, params = fwd, (w, b)
+    else:  # group_norm
+        x, groups, w, b, eps = _bind(args, kwargs, ["input", "num_groups", "weight", "bias", "eps"],
+                                     dict(weight=None, bias=None, eps=1e-5))
+
+        def fwd(x_, w_, b_):
+            return F.group_norm(x_, groups, w_, b_, eps)
+
+        bwd, params = fwd, (w, b)
+    _record(spec, func.__name__, x.shape, _nbytes(x), ops.quantized_nbytes(x.shape))
+    return ops.recompute(fwd, bwd, "norm input", x, params, sr, spec.name)
+
+
+_VALUE_ACTS = {F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.mish, torch.sigmoid, torch.Tensor.sigmoid,
+               torch.Tensor.sigmoid_, torch.tanh, torch.Tensor.tanh, F.elu, F.selu, F.celu}
+_MASK_ACTS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu6, F.hardtanh,
+              F.leaky_relu}
+_INPLACE_METHODS = {torch.relu_, torch.Tensor.relu_}
+
+
+def _act_call(func, spec, args, kwargs):
+    x = args[0]
+    cfg = spec.cfg
+    if func in _MASK_ACTS and cfg.relu == "bitmask":
+        inplace = bool(kwargs.get("inplace", False) or (len(args) > 1 and args[-1] is True)) or func in _INPLACE_METHODS
+        # An in-place call on a leaf that requires grad is an error in PyTorch too; stay out of place then.
+        inplace = inplace and not (x.is_leaf and x.requires_grad)
+        _record(spec, getattr(func, "__name__", "relu"), x.shape, _nbytes(x), ops.packed_bits_nbytes(x.numel()))
+        if func is F.leaky_relu:
+            slope = kwargs.get("negative_slope", args[1] if len(args) > 1 and not isinstance(args[1], bool) else 0.01)
+            return ops.leaky_relu(x, slope, inplace, spec.name)
+        if func is F.hardtanh or func is F.relu6:
+            if func is F.relu6:
+                lo, hi = 0.0, 6.0
+            else:
+                lo, hi = _bind(args[1:], kwargs, ["min_val", "max_val"], dict(min_val=-1.0, max_val=1.0))
+            return ops.hardtanh(x, lo, hi, inplace, spec.name)
+        return ops.relu(x, inplace, spec.name)
+    if func in _VALUE_ACTS and cfg.act == "int8":
+        # In-place variants run out of place: callers use the returned tensor (x = act(x)).
+        kw = {k: v for k, v in kwargs.items() if k != "inplace"}
+        rest = tuple(a for a in args[1:] if not isinstance(a, bool))
+        plain = {torch.Tensor.sigmoid_: torch.sigmoid}.get(func, func)
+
+        def fn(x_):
+            return plain(x_, *rest, **kw)
+
+        _record(spec, getattr(func, "__name__", "act"), x.shape, _nbytes(x), ops.quantized_nbytes(x.shape))
+        return ops.recompute(fn, fn, "activation", x, (), cfg.stochastic_rounding, spec.name)
+    return func(*args, **kwargs)
+
+
+_MUL_FUNCS = {torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.mul, torch.Tensor.mul}
+
+
+class _Intercept(TorchFunctionMode):
+    def __init__(self, spec: ModuleSpec):
+        super().__init__()
+        self.spec = spec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = self.spec.kind
+        if kind == "conv" and func is F.conv2d:
+            return _conv(self.spec, args, kwargs)
+        if kind == "norm" and func in (F.batch_norm, F.layer_norm, F.group_norm):
+            return _norm_call(func, self.spec, args, kwargs)
+        if kind == "act" and (func in _MASK_ACTS or func in _VALUE_ACTS):
+            return _act_call(func, self.spec, args, kwargs)
+        if kind == "pool" and func is F.max_pool2d and not kwargs.get("return_indices", False):
+            x, k, s, p, d, ceil = _bind(args, kwargs, ["input", "kernel_size", "stride", "padding", "dilation",
+                                                      "ceil_mode"], dict(stride=None, padding=0, dilation=1,
+                                                                         ceil_mode=False))
+            _record(self.spec, "max_pool2d", x.shape, _nbytes(x), 0)
+            return ops.max_pool2d(x, k, s, p, d, ceil, self.spec.name)
+        if kind == "linear" and func is F.linear:
+            x, w, b = _bind(args, kwargs, ["input", "weight", "bias"], dict(bias=None))
+            _record(self.spec, "linear", x.shape, _nbytes(x), ops.quantized_nbytes(x.shape))
+            return ops.Int8Linear.apply(x, w, b, self.spec.cfg.stochastic_rounding, self.spec.name)
+        if kind == "se" and func in _MUL_FUNCS and len(args) == 2:
+            a, g = args
+            if isinstance(a, torch.Tensor) and isinstance(g, torch.Tensor) and a.dim() == 4 and g.dim() == 4:
+                if g.shape[-2:] == (1, 1) and a.shape[-2:] != (1, 1):
+                    _record(self.spec, "mul", a.shape, _nbytes(a), ops.quantized_nbytes(a.shape))
+                    return ops.Int8GateMul.apply(a, g, self.spec.cfg.stochastic_rounding, self.spec.name)
+                if a.shape[-2:] == (1, 1) and g.shape[-2:] != (1, 1):
+                    _record(self.spec, "mul", g.shape, _nbytes(g), ops.quantized_nbytes(g.shape))
+                    return ops.Int8GateMul.apply(g, a, self.spec.cfg.stochastic_rounding, self.spec.name)
+        return func(*args, **kwargs)
+
+
+class _Compressed:
+    """Mixin placed in front of the module's own class."""
+
+    def forward(self, *args, **kwargs):
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(*args, **kwargs)
+        with _Intercept(self._actcomp):
+            return super().forward(*args, **kwargs)
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def _compressed_class(cls: type) -> type:
+    if cls not in _CLASS_CACHE:
+        _CLASS_CACHE[cls] = type(f"Compressed{cls.__name__}", (_Compressed, cls), {"_actcomp_orig_cls": cls})
+    return _CLASS_CACHE[cls]
+
+
+# ----------------------------------------------------------------------------------------- public API
+
+def compress(model: nn.Module, spec: str | CompressionConfig | Mapping = "none") -> nn.Module:
+    """Convert ``model`` in place for ``spec`` (preset name, CompressionConfig or mapping) and return it.
+
+    Idempotent (a converted model is first restored), reversible with :func:`restore`. Raises
+    :class:`ActcompError` and leaves the model unchanged on bad input.
+    """
+    if not isinstance(model, nn.Module):
+        raise ActcompError(f"compress() needs a torch.nn.Module, got {type(model).__name__}")
+    cfg = as_config(spec)
+    if cfg.compresses_convs and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise ActcompError(f"preset {cfg.name!r} pools convolution inputs, but {type(model).__name__} has no Conv2d")
+    if cfg.peer == "ckpt" and not hasattr(model, "set_grad_checkpointing"):
+        raise ActcompError(f"peer 'ckpt' needs a model with set_grad_checkpointing() (timm models); "
+                           f"{type(model).__name__} has none")
+    todo = plan(model, cfg)
+    if cfg.compresses_convs and not any(s.kind == "conv" for _, _, s in todo):
+        raise ActcompError(f"preset {cfg.name!r}: no Conv2d matched include/exclude/block patterns")
+    restore(model)
+    for _, m, s in todo:
+        m._actcomp = s
+        m.__class__ = _compressed_class(type(m))
+    apply_peer(model, cfg)
+    model._actcomp_config = cfg
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo :func:`compress`: native modules again, same parameters and state."""
+    for m in model.modules():
+        if isinstance(m, _Compressed):
+            m.__class__ = m._actcomp_orig_cls
+            del m._actcomp
+    remove_peer(model)
+    model.__dict__.pop("_actcomp_config", None)
+    return model
+
+
+def config_of(model: nn.Module) -> CompressionConfig | None:
+    return model.__dict__.get("_actcomp_config")
+
+
+def summary(model: nn.Module, example_input: torch.Tensor):
+    """One training-mode forward; a row per compressed call: layer, op, input shape, b, saved bytes before/after.
+
+    Runs on any device, ``meta`` included (no real compute there). Returns a pandas DataFrame.
+    """
+    import pandas as pd
+
+    global _RECORDER
+    was_training = model.training
+    _RECORDER = rows = []
+    try:
+        model.train()
+        with torch.enable_grad():
+            model(example_input)
+    finally:
+        _RECORDER = None
+        model.train(was_training)
+    return pd.DataFrame(rows, columns=["layer", "op", "input_shape", "block", "saved_bytes_native",
+                                       "saved_bytes_compressed", "note"])

@@ -1,0 +1,140 @@
+"""2-D convolution that saves a pooled copy of its input for the weight gradient (the paper's method).
+
+Exactness (stated per output):
+- forward output: exact; it is the very ``F.conv2d`` call the module would make.
+- input gradient: exact; it needs only the weight and the output gradient.
+- bias gradient: exact (sum of the output gradient).
+- weight gradient: approximate; computed from the input reconstructed by nearest upsampling of the
+  b×b block means (or maxima). Exact when the input is constant over aligned b×b blocks, and bitwise
+  equal to native PyTorch for the authors' b=1 copy.
+
+Non-divisible H/W: edge blocks are pooled over the pixels they really contain (``ceil_mode``, no padding,
+so the divisor is the true pixel count) and the upsampled tensor is cropped back to H×W. Blocks therefore
+stay aligned with the input's top-left corner. The authors' code instead zero-pads at the top/left, which
+shifts every block and mixes padding into the means; we deliberately do not copy that.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+
+def pool_blocks(x: torch.Tensor, block: int, mode: str = "avg") -> torch.Tensor:
+    """Non-overlapping block pooling with partial edge blocks (true-count averages)."""
+    if mode == "avg":
+        return F.avg_pool2d(x, block, block, ceil_mode=True)
+    if mode == "max":
+        return F.max_pool2d(x, block, block, ceil_mode=True)
+    raise ValueError(f"unknown pooling mode {mode!r}; expected 'avg' or 'max'")
+
+
+def unpool_blocks(p: torch.Tensor, block: int, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest upsampling by ``block``, cropped to ``size`` (H, W)."""
+    if block == 1:
+        return p
+    up = p.repeat_interleave(block, dim=2).repeat_interleave(block, dim=3)
+    return up[..., : size[0], : size[1]]
+
+
+def pooled_nbytes(shape, block: int, itemsize: int) -> int:
+    n, c, h, w = shape
+    return n * c * (-(-h // block)) * (-(-w // block)) * itemsize
+
+
+def resolve_padding(padding, weight_shape, dilation):
+    """Explicit (symmetric padding, extra right/bottom padding) for int, tuple, 'valid' or 'same'.
+
+    PyTorch implements asymmetric 'same' padding by padding the extra row/column at the bottom/right,
+    then convolving with the smaller symmetric padding; we mirror that in backward.
+    """
+    kh, kw = weight_shape[-2:]
+    dil = _pair(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding == "same":
+            sym, extra = [], []
+            for d, k in zip(dil, (kh, kw)):
+                total = d * (k - 1)
+                left = total // 2
+                sym.append(left)
+                extra.append(total - 2 * left)
+            return tuple(sym), tuple(extra)
+        raise ValueError(f"unknown padding {padding!r}")
+    return _pair(padding), (0, 0)
+
+
+class PooledConv2d(torch.autograd.Function):
+    """``y = conv2d(x, w, b)``; saves ``pool_b(x)`` instead of ``x``.
+
+    ``grad_filter=True`` is the gradient-filtering variant: the output gradient is pooled as well and the
+    weight gradient is computed at low resolution (b² fewer positions, scaled by b²). Fewer FLOPs; its
+    error is measured by the benchmarks, not assumed.
+    """
+
+    kind = "conv input"
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, block, mode, grad_filter, copy_b1, name):
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        sym, extra = resolve_padding(padding, weight.shape, dilation)
+        ctx.conf = (_pair(stride), sym, extra, _pair(dilation), groups, block, grad_filter)
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        ctx.actcomp_name, ctx.kind = name, "conv input"
+        if block == 1:
+            # The authors' baseline: avg_pool2d(x, 1) is a full copy of x (kept on purpose, see STUDY.md).
+            saved = F.avg_pool2d(x, 1) if copy_b1 else x
+        else:
+            saved = pool_blocks(x, block, mode)
+        ctx.save_for_backward(saved, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved, weight = ctx.saved_tensors
+        stride, sym, extra, dilation, groups, block, grad_filter = ctx.conf
+        n, c, h, w = ctx.x_shape
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        # Geometry of the (possibly right/bottom-padded) input the convolution really saw.
+        hp, wp = h + extra[0], w + extra[1]
+        bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+        dx = dw = db = None
+        if grad_filter and block > 1 and need_w:
+            dw = _filtered_weight_grad(saved, weight, dy, stride, sym, extra, dilation, groups, block)
+        mask = (need_x, need_w and dw is None, need_b)
+        if any(mask):
+            if mask[1]:
+                x_hat = unpool_blocks(saved, block, (h, w))
+                if extra != (0, 0):
+                    x_hat = F.pad(x_hat, (0, extra[1], 0, extra[0]))
+            else:
+                x_hat = dy.new_empty(1).expand(n, c, hp, wp)
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                dy, x_hat, weight, bias_sizes, list(stride), list(sym), list(dilation), False, [0, 0], groups, mask
+            )
+            if mask[0]:
+                dx = gx[..., :h, :w] if extra != (0, 0) else gx
+            if mask[1]:
+                dw = gw
+            if mask[2]:
+                db = gb
+        return dx, dw, db, None, None, None, None, None, None, None, None, None
+
+
+def _filtered_weight_grad(x_low, weight, dy, stride, sym, extra, dilation, groups, block):
+    """Weight gradient at low resolution: pooled input against the output gradient pooled to match."""
+    if extra != (0, 0):
+        x_low = F.pad(x_low, (0, -(-extra[1] // block), 0, -(-extra[0] // block)))
+    out_hw = _conv_out_hw(x_low.shape[-2:], weight.shape[-2:], stride, sym, dilation)
+    if min(out_hw) < 1:
+        return None  # too small to filter; the caller falls back to the upsampled gradient
+    # Sum-preserving pooling of dy: each low-resolution position stands for that many full-resolution ones.
+    ratio = dy.shape[-2] * dy.shape[-1] / (out_hw[0] * out_hw[1])
+    dy_low = F.adaptive_avg_pool2d(dy, out_hw) * ratio
+    return torch.nn.grad.conv2d_weight(x_low, weight.shape, dy_low, stride, sym, dilation, groups)
+
+
+def _conv_out_hw(hw, khw, stride, pad, dil):
+    return tuple((hw[i] + 2 * pad[i] - dil[i] * (khw[i] - 1) - 1) // stride[i] + 1 for i in range(2))

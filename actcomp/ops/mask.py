@@ -1,0 +1,56 @@
+"""ReLU-family activations that save a 1-bit mask instead of a full tensor.
+
+Exact: the gradient of ReLU, ReLU6 (hardtanh) and LeakyReLU depends only on which elements were in the
+linear region, so the mask reproduces the native gradient bitwise. In-place calls stay in place, so the
+full-size tensor is not kept alive by the activation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .quant import pack_bits, unpack_bits
+
+
+class MaskedActivation(torch.autograd.Function):
+    kind = "activation"
+
+    @staticmethod
+    def forward(ctx, x, fn, region, slope, inplace, name):
+        # region(x) -> bool mask where the gradient passes unchanged; elsewhere it is multiplied by slope.
+        mask = pack_bits(region(x))
+        ctx.shape, ctx.slope, ctx.actcomp_name, ctx.kind = x.shape, slope, name, "activation"
+        ctx.save_for_backward(mask)
+        if inplace:
+            fn(x, True)
+            ctx.mark_dirty(x)
+            return x
+        return fn(x, False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (mask,) = ctx.saved_tensors
+        m = unpack_bits(mask, ctx.shape)
+        if ctx.slope == 0.0:
+            dx = dy * m
+        else:
+            dx = torch.where(m, dy, dy * ctx.slope)
+        return dx, None, None, None, None, None
+
+
+def relu(x, inplace=False, name=""):
+    return MaskedActivation.apply(x, lambda t, ip: F.relu(t, inplace=ip), lambda t: t > 0, 0.0, inplace, name)
+
+
+def hardtanh(x, min_val=-1.0, max_val=1.0, inplace=False, name=""):
+    return MaskedActivation.apply(
+        x, lambda t, ip: F.hardtanh(t, min_val, max_val, inplace=ip), lambda t: (t > min_val) & (t < max_val),
+        0.0, inplace, name,
+    )
+
+
+def leaky_relu(x, negative_slope=0.01, inplace=False, name=""):
+    return MaskedActivation.apply(
+        x, lambda t, ip: F.leaky_relu(t, negative_slope, inplace=ip), lambda t: t > 0, float(negative_slope),
+        inplace, name,
+    )

@@ -1,0 +1,82 @@
+"""Compact storage formats for saved activations: 1-bit masks and 8-bit affine codes.
+
+All functions are pure tensor code, so they run unchanged on CPU, CUDA and the ``meta`` device
+(which is how big-batch memory is predicted without allocating).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    return torch.arange(8, device=device, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor into uint8, 8 elements per byte (flattened, zero-padded at the end)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = flat.view(-1, 8).to(torch.uint8) << _shifts(flat.device)
+    return bits.sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a bool tensor of ``shape``."""
+    n = 1
+    for s in shape:
+        n *= s
+    bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
+    return bits.reshape(-1)[:n].view(shape).bool()
+
+
+def packed_bits_nbytes(numel: int) -> int:
+    return (numel + 7) // 8
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Quantization groups: one (n, c) plane for 4-D NCHW tensors, else one row over the last dim."""
+    if x.dim() == 4:
+        return x.reshape(x.shape[0] * x.shape[1], -1)
+    if x.dim() <= 1:
+        return x.reshape(1, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def quantize_uint8(x: torch.Tensor, stochastic: bool = False):
+    """Per-group affine uint8 code: ``x ≈ lo + q * scale`` with |error| <= scale/2 (deterministic rounding).
+
+    Returns ``(q, lo, scale)``; q has x's shape, lo/scale are fp32 with one value per group.
+    Stochastic rounding makes the code unbiased (E[x̂] = x) at up to one step of error.
+    """
+    r = _rows(x.detach()).float()
+    lo = r.amin(dim=1, keepdim=True)
+    hi = r.amax(dim=1, keepdim=True)
+    scale = ((hi - lo) / 255.0).clamp_min(1e-12)
+    v = (r - lo) / scale
+    if stochastic:
+        v = (v + torch.rand_like(v)).floor_()
+    else:
+        v = v.round_()
+    q = v.clamp_(0, 255).to(torch.uint8).view(x.shape)
+    return q, lo, scale
+
+
+def dequantize_uint8(q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    r = _rows(q).float() * scale + lo
+    return r.view(q.shape).to(dtype)
+
+
+def quantized_nbytes(shape: torch.Size) -> int:
+    """Bytes of :func:`quantize_uint8`'s output for a tensor of ``shape`` (1 byte/element + 8 bytes/group)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if len(shape) == 4:
+        groups = shape[0] * shape[1]
+    elif len(shape) <= 1:
+        groups = 1
+    else:
+        groups = numel // shape[-1]
+    return numel + 8 * groups
