@@ -1,0 +1,1 @@
+"""Thin Hydra apps over actcomp: memory, speed, fit, train, figures, reproduce."""
