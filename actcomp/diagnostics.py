@@ -28,7 +28,7 @@ def grad_cosine(model: nn.Module, spec: str | CompressionConfig | dict, x: torch
                 ) -> dict[str, float]:
     """Cosine similarity per layer between weight gradients under ``spec`` and native ones, on the same batch.
 
-    Runs on a deep copy in training mode (BatchNorm running statistics of ``model`` are not touched);
+    Layers whose gradient is exactly zero give NaN. Runs on a deep copy in training mode (BatchNorm running statistics of ``model`` are not touched);
     ``model`` keeps whatever conversion it had.
     """
     ref = copy.deepcopy(model)
@@ -41,8 +41,15 @@ def grad_cosine(model: nn.Module, spec: str | CompressionConfig | dict, x: torch
         g_ref = weight_grads(ref, x, y)
     with torch.random.fork_rng(devices=[]):
         g_cmp = weight_grads(cmp_, x, y)
-    return {k: F.cosine_similarity(g_ref[k].flatten().double(), g_cmp[k].flatten().double(), dim=0).item()
-            for k in g_ref if k in g_cmp}
+    return {k: _cos(g_ref[k], g_cmp[k]) for k in g_ref if k in g_cmp}
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity; NaN when either gradient is exactly zero (e.g. timm's zero-init last BN gamma)."""
+    a, b = a.flatten().double(), b.flatten().double()
+    if not a.any() or not b.any():
+        return float("nan")
+    return F.cosine_similarity(a, b, dim=0).item()
 
 
 __all__ = ["grad_cosine", "weight_grads"]
