@@ -1,0 +1,120 @@
+"""PooledConv2d: exact parts bitwise/gradcheck, approximated part exact on block-constant inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from actcomp.ops import PooledConv2d, pool_blocks, unpool_blocks
+
+GEOMETRIES = [  # (cin, cout, k, stride, padding, dilation, groups, bias)
+    (4, 6, 3, 1, 1, 1, 1, True),
+    (4, 6, 3, 2, 1, 1, 1, False),
+    (4, 6, 3, 1, 2, 2, 1, True),
+    (4, 8, 3, 1, 1, 1, 2, True),
+    (4, 4, 3, 1, 1, 1, 4, False),  # depthwise
+    (4, 6, 1, 1, 0, 1, 1, True),
+    (4, 6, 3, 1, "same", 1, 1, True),
+    (4, 6, 4, 1, "same", 1, 1, False),  # asymmetric 'same'
+    (4, 6, 3, 1, "valid", 1, 1, True),
+    (4, 6, 5, 2, 2, 1, 1, True),
+]
+
+
+def _apply(x, w, b, geo, block, mode="avg", grad_filter=False, copy_b1=False):
+    _, _, _, s, p, d, g, _ = geo
+    return PooledConv2d.apply(x, w, b, s, p, d, g, block, mode, grad_filter, copy_b1, "t")
+
+
+def _params(geo, dtype=torch.float32):
+    cin, cout, k, *_, g, bias = geo
+    w = torch.randn(cout, cin // g, k, k, dtype=dtype, requires_grad=True)
+    b = torch.randn(cout, dtype=dtype, requires_grad=True) if bias else None
+    return w, b
+
+
+def _grads(fn, x, w, b, dy):
+    out = fn(x, w, b)
+    out.backward(dy)
+    return out.detach(), [t.grad.clone() for t in (x, w, b) if t is not None]
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=str)
+def test_b1_authors_copy_bitwise_equal_to_native(geo):
+    w, b = _params(geo)
+    x = torch.randn(2, 4, 11, 13, requires_grad=True)
+    _, _, _, s, p, d, g, _ = geo
+    ref_out = F.conv2d(x, w, b, s, p, d, g)
+    dy = torch.randn_like(ref_out)
+    out0, g0 = _grads(lambda x, w, b: F.conv2d(x, w, b, s, p, d, g), x, w, b, dy)
+    for t in (x, w, b):
+        if t is not None:
+            t.grad = None
+    out1, g1 = _grads(lambda x, w, b: _apply(x, w, b, geo, 1, copy_b1=True), x, w, b, dy)
+    assert torch.equal(out0, out1)
+    for a, c in zip(g0, g1):
+        assert torch.equal(a, c)
+
+
+def _block_constant(n, c, h, w, block, dtype=torch.float32):
+    low = torch.randn(n, c, -(-h // block), -(-w // block), dtype=dtype)
+    return unpool_blocks(low, block, (h, w)).contiguous()
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("block,hw", [(2, (12, 12)), (2, (11, 13)), (4, (13, 10)), (3, (9, 14))])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_weight_grad_exact_on_block_constant_inputs(geo, block, hw, mode):
+    w, b = _params(geo)
+    x = _block_constant(2, 4, *hw, block).requires_grad_(True)
+    _, _, _, s, p, d, g, _ = geo
+    dy = torch.randn_like(F.conv2d(x, w, b, s, p, d, g))
+    out0, g0 = _grads(lambda x, w, b: F.conv2d(x, w, b, s, p, d, g), x, w, b, dy)
+    for t in (x, w, b):
+        if t is not None:
+            t.grad = None
+    out1, g1 = _grads(lambda x, w, b: _apply(x, w, b, geo, block, mode), x, w, b, dy)
+    assert torch.equal(out0, out1)  # forward is the same call
+    for a, c in zip(g0, g1):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_grad_is_approximate_on_generic_input():
+    geo = GEOMETRIES[0]
+    w, b = _params(geo)
+    x = torch.randn(2, 4, 12, 12, requires_grad=True)
+    dy = torch.randn(2, 6, 12, 12)
+    _, gref = _grads(lambda x, w, b: F.conv2d(x, w, b, 1, 1), x, w, b, dy)
+    x.grad = w.grad = b.grad = None
+    _, gp = _grads(lambda x, w, b: _apply(x, w, b, geo, 2), x, w, b, dy)
+    assert torch.equal(gp[0], gref[0])  # input gradient: exact
+    assert not torch.allclose(gp[1], gref[1], atol=1e-3)  # weight gradient: approximated
+
+
+@pytest.mark.parametrize("geo", [GEOMETRIES[1], GEOMETRIES[3], GEOMETRIES[7]], ids=str)
+def test_gradcheck_exact_parts_float64(geo):
+    w, b = _params(geo, torch.float64)
+    w.requires_grad_(False)  # the weight gradient is the approximated part
+    x = torch.randn(1, 4, 7, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: _apply(x, w, b, geo, 2), (x, b) if b is not None else (x, None))
+
+
+def test_pooling_partial_blocks_use_true_pixel_count():
+    x = torch.arange(25.0).view(1, 1, 5, 5)
+    p = pool_blocks(x, 2)
+    assert p.shape == (1, 1, 3, 3)
+    assert p[0, 0, 0, 2] == (x[0, 0, 0, 4] + x[0, 0, 1, 4]) / 2  # right edge: 2 real pixels
+    assert p[0, 0, 2, 2] == x[0, 0, 4, 4]  # corner: 1 real pixel, no zero padding mixed in
+    assert p[0, 0, 0, 0] == x[0, 0, :2, :2].mean()  # blocks aligned to the top-left corner
+    up = unpool_blocks(p, 2, (5, 5))
+    assert up.shape == x.shape and up[0, 0, 4, 4] == x[0, 0, 4, 4]
+
+
+def test_grad_filter_exact_for_pointwise_conv_on_block_constant_input():
+    geo = (4, 6, 1, 1, 0, 1, 1, True)
+    w, b = _params(geo)
+    x = _block_constant(2, 4, 8, 8, 2).requires_grad_(True)
+    dy = torch.randn(2, 6, 8, 8)
+    _, gref = _grads(lambda x, w, b: F.conv2d(x, w, b), x, w, b, dy)
+    x.grad = w.grad = b.grad = None
+    _, gf = _grads(lambda x, w, b: _apply(x, w, b, geo, 2, grad_filter=True), x, w, b, dy)
+    for a, c in zip(gref, gf):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,176 @@
+"""compress()/restore(): exact forward, gradients reach every weight, policy, state, errors."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import Conv2dSame, MixedConv2d, ScaledStdConv2d, StdConv2d
+
+import actcomp
+from actcomp import ActcompError, PRESETS
+
+MODELS = ["test_resnet", "test_efficientnet", "test_convnext", "resnet18", "efficientnet_b0", "tf_efficientnet_b0",
+          "mobilenetv3_small_100", "nf_resnet26", "resnetv2_50x1_bit"]
+
+
+def _model(name, **kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=10, **kw)
+
+
+def _convs(m):
+    return [(n, c) for n, c in m.named_modules() if isinstance(c, nn.Conv2d)]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_preset_keeps_forward_and_trains_a_step(name):
+    base = _model(name)
+    x = torch.randn(2, 3, 64, 64)
+    base.train()
+    ref = base(x)
+    for preset in PRESETS:
+        m = actcomp.compress(copy.deepcopy(base), preset)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        out = m(x)
+        assert torch.equal(out, ref), f"{name}/{preset}: forward changed"
+        out.logsumexp(1).mean().backward()
+        missing = [n for n, c in _convs(m) if c.weight.grad is None]
+        assert not missing, f"{name}/{preset}: no gradient for {missing[:3]}"
+        opt.step()
+
+
+def test_authors_b1_gradients_bitwise_equal_native_on_weight_standardized_convs():
+    # nf_resnet26: ScaledStdConv2d (weight standardized, learnable gain) -> grads must reach weight and gain.
+    base = _model("nf_resnet26")
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for preset in ("none", "authors_b1"):
+        m = actcomp.compress(copy.deepcopy(base), preset)
+        m(x).sum().backward()
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    assert any("gain" in k for k in grads[0])
+    for k in grads[0]:
+        assert grads[1][k] is not None and torch.equal(grads[0][k], grads[1][k]), k
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: Conv2dSame(4, 6, 3, stride=2),
+    lambda: StdConv2d(4, 6, 3, padding=1),
+    lambda: ScaledStdConv2d(4, 6, 3, padding=1),
+    lambda: MixedConv2d(4, 6, [3, 5]),
+    lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+    lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"),
+    lambda: nn.Conv2d(4, 6, 4, padding="same", dilation=1),
+], ids=["Conv2dSame", "StdConv2d", "ScaledStdConv2d", "MixedConv2d", "reflect", "circular", "same-even"])
+def test_timm_conv_kinds_keep_their_maths(conv):
+    torch.manual_seed(0)
+    m = conv()
+    x = torch.randn(2, 4, 11, 11, requires_grad=True)
+    ref = m(x)
+    ref.sum().backward()
+    g_ref = {k: p.grad.clone() for k, p in m.named_parameters()}
+    gx_ref = x.grad.clone()
+    m.zero_grad(); x.grad = None
+    actcomp.compress(m, "authors_b1")
+    out = m(x)
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    assert torch.equal(x.grad, gx_ref)
+    for k, p in m.named_parameters():
+        assert torch.equal(p.grad, g_ref[k]), k
+    actcomp.compress(m, "pool2")
+    assert torch.equal(m(x), ref)
+
+
+def test_b1_without_authors_copy_is_native():
+    m = _model("resnet18")
+    actcomp.compress(m, {"block": 1, "name": "b1"})
+    assert not any(type(c).__name__.startswith("Compressed") for c in m.modules())
+    x = torch.randn(2, 3, 64, 64)
+    assert actcomp.saved_bytes(m, x).total_bytes == actcomp.saved_bytes(_model("resnet18"), x).total_bytes
+
+
+def test_state_identity_idempotence_and_reversibility():
+    m = _model("resnet18")
+    params = {k: p for k, p in m.named_parameters()}
+    keys = list(m.state_dict())
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)  # made before conversion: must keep working
+    actcomp.compress(m, "pool4")
+    actcomp.compress(m, "pool4")
+    assert all(p is params[k] for k, p in m.named_parameters())
+    assert list(m.state_dict()) == keys
+    assert isinstance(m.conv1, nn.Conv2d) and type(m.conv1).__name__ == "CompressedConv2d"
+    m(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    actcomp.compress(m, "pool2")  # reconfigure
+    assert m.conv1._actcomp.block == 2
+    actcomp.restore(m)
+    assert type(m.conv1) is nn.Conv2d and not hasattr(m.conv1, "_actcomp")
+    assert actcomp.config_of(m) is None
+    m.load_state_dict(_model("resnet18").state_dict())
+
+
+def test_eval_and_no_grad_take_the_plain_path():
+    m = actcomp.compress(_model("resnet18"), "pool4")
+    x = torch.randn(2, 3, 32, 32)
+    m.eval()
+    out = m(x)
+    names = {n.name() for n in actcomp.accounting.walk([out.grad_fn])}
+    assert "PooledConv2dBackward" not in names and "ConvolutionBackward0" in names
+    m.train()
+    with torch.no_grad():
+        assert m(x).grad_fn is None
+    names = {n.name() for n in actcomp.accounting.walk([m(x).grad_fn])}
+    assert "PooledConv2dBackward" in names
+
+
+def test_policy_per_layer_blocks_include_exclude_and_small_inputs():
+    m = _model("resnet18")
+    cfg = {"block": {"layer1.*": 2, "layer4.*": 8, "*": 4}, "exclude": ["conv1"], "name": "mixed"}
+    actcomp.compress(m, cfg)
+    assert not hasattr(m.conv1, "_actcomp")
+    assert m.layer1[0].conv1._actcomp.block == 2 and m.layer3[0].conv1._actcomp.block == 4
+    table = actcomp.summary(m, torch.randn(2, 3, 64, 64))
+    assert {"layer", "op", "input_shape", "block", "saved_bytes_native", "saved_bytes_compressed"} <= set(table)
+    row = table[table.layer == "layer1.0.conv1"].iloc[0]
+    assert row.input_shape == (2, 64, 16, 16) and row.saved_bytes_compressed == 2 * 64 * 8 * 8 * 4
+    # layer4 inputs are 4x4 (or 2x2) at 64 px: smaller than b=8, so they stay native and say so
+    small = table[table.layer.str.startswith("layer4")]
+    assert (small.note.str.contains("smaller than block")).all()
+    assert (small.saved_bytes_native == small.saved_bytes_compressed).all()
+    m2 = actcomp.compress(_model("resnet18"), {"block": 2, "include": ["layer2.*"], "name": "only2"})
+    conv_names = {n for n, c in m2.named_modules() if hasattr(c, "_actcomp")}
+    assert conv_names and all(n.startswith("layer2.") for n in conv_names)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ("pool3", "unknown preset"),
+    ({"block": 0}, "block must be an int >= 1"),
+    ({"block": 2.0}, "block must be an int >= 1"),
+    ({"block": True}, "block must be an int >= 1"),
+    ({"block": {"layer1.*": -1}}, "block"),
+    ({"relu": "zip"}, "relu='zip' is not one of"),
+    ({"blok": 2}, "unknown compression option"),
+])
+def test_bad_config_raises_and_leaves_model_unchanged(bad, msg):
+    m = actcomp.compress(_model("resnet18"), "pool2")
+    before = [type(c) for c in m.modules()]
+    with pytest.raises(ActcompError, match=msg):
+        actcomp.compress(m, bad)
+    assert [type(c) for c in m.modules()] == before
+    assert actcomp.config_of(m).name == "pool2"
+
+
+def test_model_without_convolutions_is_a_clear_error():
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(ActcompError, match="has no Conv2d"):
+        actcomp.compress(mlp, "pool4")
+    assert type(mlp[0]) is nn.Linear and actcomp.config_of(mlp) is None
+    with pytest.raises(ActcompError, match="needs a torch.nn.Module"):
+        actcomp.compress("resnet18", "pool4")
+
+
+def test_preset_error_suggests_close_names():
+    with pytest.raises(ActcompError, match="did you mean pool4"):
+        actcomp.get_preset("pol4")
