@@ -35,13 +35,29 @@ def packed_bits_nbytes(numel: int) -> int:
     return (numel + 7) // 8
 
 
+MIN_GROUP = 64  # below this many elements per group, the 8-byte (lo, scale) pair costs more than it helps
+
+
+def group_shape(shape) -> tuple[int, int]:
+    """(groups, elements per group) for a tensor shape.
+
+    One (n, c) plane of an NCHW tensor when the plane has >= 64 elements; else one row over the last dim when
+    it has >= 64 elements (tokens × channels); else one group per sample.
+    """
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel == 0 or len(shape) == 0:
+        return 1, numel
+    if len(shape) == 4 and shape[2] * shape[3] >= MIN_GROUP:
+        return shape[0] * shape[1], shape[2] * shape[3]
+    if len(shape) >= 2 and shape[-1] >= MIN_GROUP:
+        return numel // shape[-1], shape[-1]
+    return shape[0], numel // shape[0]
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """Quantization groups: one (n, c) plane for 4-D NCHW tensors, else one row over the last dim."""
-    if x.dim() == 4:
-        return x.reshape(x.shape[0] * x.shape[1], -1)
-    if x.dim() <= 1:
-        return x.reshape(1, -1)
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(group_shape(x.shape))
 
 
 def quantize_uint8(x: torch.Tensor, stochastic: bool = False):
@@ -68,15 +84,7 @@ def dequantize_uint8(q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, dty
     return r.view(q.shape).to(dtype)
 
 
-def quantized_nbytes(shape: torch.Size) -> int:
+def quantized_nbytes(shape) -> int:
     """Bytes of :func:`quantize_uint8`'s output for a tensor of ``shape`` (1 byte/element + 8 bytes/group)."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    if len(shape) == 4:
-        groups = shape[0] * shape[1]
-    elif len(shape) <= 1:
-        groups = 1
-    else:
-        groups = numel // shape[-1]
-    return numel + 8 * groups
+    groups, per = group_shape(tuple(shape))
+    return groups * per + 8 * groups
