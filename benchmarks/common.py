@@ -61,3 +61,30 @@ def wandb_run(cfg: DictConfig, job_type: str, name: str | None = None):
 def log_metrics(run: Any, metrics: dict, step: int | None = None) -> None:
     if run is not None:
         run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+
+def atomic_write_csv(df, path) -> None:
+    """Write a CSV via a temporary file + os.replace, so a crash never leaves a half-written result."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            df.to_csv(f, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def fail(err: BaseException, code: int = 2) -> None:
+    """One clear line on stderr and a non-zero exit (for bad input in the apps)."""
+    import sys
+
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,72 @@
+"""Per-layer conv table of the study + whole-model saved-for-backward bytes per preset, against both baselines.
+
+    python -m benchmarks.table                       # resnet18, batch 32, 224 px -> results/table/
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import pandas as pd
+import timm
+import torch
+from omegaconf import DictConfig
+
+import actcomp
+from actcomp.provenance import provenance
+
+from .common import atomic_write_csv, fail
+
+MIB = 2.0**20
+
+
+def measure(cfg: DictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if cfg.batch_size < 1:
+        raise actcomp.ActcompError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    for p in cfg.presets:
+        actcomp.get_preset(p)
+    torch.manual_seed(0)
+    with torch.device(cfg.device):
+        model = timm.create_model(cfg.model, pretrained=False)
+        x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size)
+    prov = provenance(cfg.device)
+    layers = actcomp.conv_table(model, x, blocks=tuple(cfg.blocks))
+    layers.insert(0, "model", cfg.model)
+    rows = []
+    for p in cfg.presets:
+        actcomp.compress(model, p)
+        rep = actcomp.saved_bytes(model, x)
+        rows.append(dict(model=cfg.model, preset=p, batch_size=cfg.batch_size, img_size=cfg.img_size,
+                         saved_mib=rep.total_bytes / MIB, **{f"{k.replace(' ', '_')}_mib": v / MIB
+                                                            for k, v in sorted(rep.by_kind.items())}))
+    actcomp.restore(model)
+    totals = pd.DataFrame(rows)
+    by = totals.set_index("preset")["saved_mib"]
+    for base in ("none", "authors_b1"):
+        if base in by:
+            totals[f"vs_{base}_pct"] = (totals["saved_mib"] / by[base] - 1) * 100
+    for df in (layers, totals):
+        for k, v in prov.items():
+            df[k] = v
+    return layers, totals
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="table")
+def main(cfg: DictConfig) -> None:
+    try:
+        layers, totals = measure(cfg)
+        out = Path(hydra.utils.to_absolute_path(cfg.out_dir))
+        stem = f"{cfg.model}_b{cfg.batch_size}_{cfg.img_size}px"
+        atomic_write_csv(layers, out / f"{stem}_conv_layers.csv")
+        atomic_write_csv(totals, out / f"{stem}_saved_bytes.csv")
+    except (actcomp.ActcompError, OSError, RuntimeError) as e:
+        fail(e)
+    with pd.option_context("display.width", 160, "display.max_rows", 100, "display.float_format", "{:.2f}".format):
+        print(layers.drop(columns=[c for c in layers if c in provenance("cpu")]).to_string(index=False))
+        print(totals.drop(columns=[c for c in totals if c in provenance("cpu")]).to_string(index=False))
+    print(f"wrote {out / stem}_*.csv")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
