@@ -8,7 +8,7 @@ import torch.nn as nn
 from timm.layers import Conv2dSame, MixedConv2d, ScaledStdConv2d, StdConv2d
 
 import actcomp
-from actcomp import ActcompError, PRESETS
+from actcomp import PRESETS, ActcompError
 
 MODELS = ["test_resnet", "test_efficientnet", "test_convnext", "resnet18", "efficientnet_b0", "tf_efficientnet_b0",
           "mobilenetv3_small_100", "nf_resnet26", "resnetv2_50x1_bit"]
@@ -71,7 +71,8 @@ def test_timm_conv_kinds_keep_their_maths(conv):
     ref.sum().backward()
     g_ref = {k: p.grad.clone() for k, p in m.named_parameters()}
     gx_ref = x.grad.clone()
-    m.zero_grad(); x.grad = None
+    m.zero_grad()
+    x.grad = None
     actcomp.compress(m, "authors_b1")
     out = m(x)
     assert torch.equal(out, ref)

@@ -3,7 +3,14 @@ from .conv import PooledConv2d, pool_blocks, pooled_nbytes, unpool_blocks
 from .linear import Int8GateMul, Int8Linear
 from .mask import MaskedActivation, hardtanh, leaky_relu, relu
 from .pool import CompactMaxPool2d, max_pool2d
-from .quant import dequantize_uint8, pack_bits, packed_bits_nbytes, quantize_uint8, quantized_nbytes, unpack_bits
+from .quant import (
+    dequantize_uint8,
+    pack_bits,
+    packed_bits_nbytes,
+    quantize_uint8,
+    quantized_nbytes,
+    unpack_bits,
+)
 from .recompute import RecomputeFromInt8, recompute
 
 __all__ = [
