@@ -259,7 +259,7 @@ def run_point(cfg: DictConfig, measure: Callable[[DictConfig], dict], display: t
     rec_path = rec_dir / f"{key}.json"
     prev = read_record(rec_path)
     if prev is not None and prev.get("status") in DONE and not cfg.get("force", False):
-        summary = {**prev, "run": "skipped"}
+        summary = {**prev, "run": "skipped", "recorded": True}
         _write_summary(summary)
         return summary
 
@@ -277,13 +277,14 @@ def run_point(cfg: DictConfig, measure: Callable[[DictConfig], dict], display: t
     record = dict(point=key, app=app, sweep=sweep, status=status, message=message,
                   config=flatten(measured_config(cfg)), metrics=metrics, elapsed_s=round(elapsed, 3),
                   provenance=_prov(str(cfg.device.name)), display=list(display))
-    _write_summary({**record, "run": "measured"})
-    if status == "ok" or multirun:
+    recorded = status == "ok" or multirun
+    if recorded:
         atomic_write(rec_path, json.dumps(record, indent=1, default=str))
+    _write_summary({**record, "run": "measured", "recorded": recorded})
     _log_wandb(cfg, record)
     if status != "ok" and not multirun:
         _die(app, message, code)
-    return {**record, "run": "measured"}
+    return {**record, "run": "measured", "recorded": recorded}
 
 
 def _die(app: str, message: str, code: int):
@@ -427,8 +428,8 @@ def collect(paths: list[Path], out_dir: Path | None = None, quiet: bool = False)
             raise BenchError(f"{root}: no such directory")
         for s in sorted(root.rglob("summary.json")):
             rec = read_record(s)
-            if not rec or "point" not in rec or rec.get("status") not in ("ok", "oom", "error"):
-                continue
+            if not rec or "point" not in rec or not rec.get("recorded"):
+                continue  # e.g. a failed single run: reported on stderr, never part of the results
             base = Path(out_dir) if out_dir is not None else None
             if base is None:
                 base = _out_dir_of(s)
@@ -436,7 +437,7 @@ def collect(paths: list[Path], out_dir: Path | None = None, quiet: bool = False)
             ensure_writable(rec_dir)
             target = rec_dir / f"{rec['point']}.json"
             if not target.exists():
-                clean = {k: v for k, v in rec.items() if k != "run"}
+                clean = {k: v for k, v in rec.items() if k not in ("run", "recorded")}
                 atomic_write(target, json.dumps(clean, indent=1, default=str))
             targets[rec_dir] = csv_path
         for r in sorted(root.rglob("*.json")):
@@ -621,7 +622,7 @@ class CollectCallback(Callback):
         if entry is not None:
             entry[0].set_postfix_str(f"{status}: {label}"[:70], refresh=False)
         else:  # a worker process: its log gets the line
-            print(f"[{config.hydra.job.num + 1} of {self.n or '?'}] {status}: {label}", flush=True)
+            print(f"point #{config.hydra.job.num} ({self.n or '?'} in the sweep) {status}: {label}", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
