@@ -1,0 +1,264 @@
+"""Training app: convergence, time-to-accuracy and schedule overhead of a compression preset on real data.
+
+    python -m benchmarks.train data=fashion_mnist model=resnet18 compression=pool4 epochs=3 optim=sgd_cosine
+    python -m benchmarks.train -m experiment=fmnist_reference              # the CPU reference study
+    python -m benchmarks.train -m experiment=paper_imagenet_resnet50 data.root=/data/imagenet   # the paper
+    torchrun --nproc_per_node=4 -m benchmarks.train experiment=...        # DDP (one process per GPU)
+
+Each job writes into its Hydra output dir: ``history.csv`` (one row per epoch, rewritten after every epoch),
+``grad_cosine.csv`` (with ``grad_cosine=true``), ``checkpoint.pt`` (every epoch; ``resume=true`` continues it)
+and ``summary.json``. Every epoch is also logged to W&B (offline unless ``logger.mode=online``).
+A multirun with the :class:`CollectTrain` callback (the experiments set it) ends by writing one tidy CSV of every
+epoch of every run, a summary with time-to-accuracy and overhead against the baseline run, and the cosines.
+Bad input: one line on stderr (``error: ...``), exit status 2.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from actcomp import ActcompError
+from actcomp.data import build_data
+from actcomp.training import EPOCH_COLUMNS, TrainConfig, overhead_table, train
+
+from .common import config_hash, log_metrics, provenance, wandb_run
+
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
+
+PROVENANCE_COLS = ("git_sha", "torch_version", "timm_version", "python_version", "device_name", "date")
+RUN_COLS = ("preset", "model", "model_kwargs", "data", "seed", "batch_size", "image_size", "n_train", "n_val", "optim", "run_id")
+
+
+def _prov(device: str) -> dict:
+    p = provenance(device)
+    return dict(git_sha=p["git_sha"], torch_version=p["torch"], timm_version=p["timm"],
+                python_version=p["python"], device_name=p["device"], date=p["date"])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    cols = [c for c in columns if c in df.columns] + [c for c in df.columns if c not in columns]
+    _atomic_write(path, df[cols].to_csv(index=False) if len(df) else ",".join(columns) + "\n")
+
+
+def _container(x):
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) or OmegaConf.is_list(x) else x
+
+
+def compression_spec(comp) -> str | dict:
+    """``compression: {name: pool2}`` -> "pool2"; extra keys (``+compression.block=3``) override the preset."""
+    d = dict(_container(comp))
+    name = d.pop("name", None)
+    if not name:
+        raise ActcompError("compression.name is missing (pick one with compression=<preset>)")
+    return {"preset": name, **d} if d else name
+
+
+def train_config(cfg: DictConfig, ckpt: Path | None) -> TrainConfig:
+    o = dict(_container(cfg.optim))
+    o.pop("name", None)
+    sched = o.pop("sched", None) or {}
+    m = cfg.model
+    # resume: false | true (this output dir's checkpoint) | a run dir or checkpoint file to continue from
+    return TrainConfig(
+        model=m.name, model_kwargs=dict(_container(m.get("kwargs")) or {}), preset=compression_spec(cfg.compression),
+        epochs=cfg.epochs, batch_size=cfg.batch_size, epoch_samples=cfg.epoch_samples, eval_batch_size=cfg.eval_batch_size, opt=o, sched=sched,
+        label_smoothing=cfg.label_smoothing, seed=cfg.seed, deterministic=cfg.deterministic, amp=cfg.amp,
+        channels_last=cfg.channels_last, device=_device(cfg), threads=cfg.threads, num_workers=cfg.num_workers,
+        grad_cosine=cfg.grad_cosine, memory=cfg.memory, ckpt_path=str(ckpt) if ckpt else None,
+        resume=cfg.resume is not False, stop_after_epoch=cfg.stop_after_epoch,
+        targets=tuple(_container(cfg.targets) or ()), progress=cfg.progress)
+
+
+def _device(cfg: DictConfig) -> str:
+    d = cfg.get("device", "cpu")
+    name = d.get("name", "cpu") if isinstance(d, DictConfig) else str(d)
+    if name == "meta":
+        raise ActcompError("device=meta predicts memory only; training needs device=cpu or device=cuda")
+    return name
+
+
+def _prepare_resume(cfg: DictConfig, out: Path) -> Path:
+    """The checkpoint path in this job's dir; ``resume=<path>`` copies that checkpoint here first (the original
+    is never written to)."""
+    ckpt = out / "checkpoint.pt"
+    r = cfg.resume
+    if r in (False, True, None):
+        return ckpt
+    src = Path(str(r)).expanduser()
+    src = src / "checkpoint.pt" if src.is_dir() else src
+    if not src.is_file():
+        raise ActcompError(f"resume={r}: no checkpoint found (expected a run dir holding checkpoint.pt, or the file)")
+    if src.resolve() != ckpt.resolve():
+        if ckpt.exists():
+            raise ActcompError(f"{ckpt} already exists; resume from it with resume=true, or use a new output dir")
+        shutil.copy2(src, ckpt)
+    return ckpt
+
+
+def run(cfg: DictConfig) -> dict:
+    out = Path(HydraConfig.get().runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = _prepare_resume(cfg, out)
+    dcfg = dict(_container(cfg.data))
+    data_name = dcfg.pop("name")
+    data = build_data(data_name, **dcfg)
+    tc = train_config(cfg, ckpt)
+    rank = int(os.environ.get("RANK", "0"))
+    run_id = config_hash(cfg, drop=("logger", "hydra", "resume", "stop_after_epoch", "progress", "hydra_dir",
+                                    "name", "epochs", "targets", "num_workers", "threads"))
+    static = dict(preset=tc.preset if isinstance(tc.preset, str) else tc.preset["preset"], model=tc.model,
+                  model_kwargs=json.dumps(tc.model_kwargs, sort_keys=True) if tc.model_kwargs else "", data=data_name, seed=tc.seed, batch_size=tc.batch_size, image_size=data.image_size,
+                  n_train=len(data.train), n_val=len(data.val), optim=cfg.optim.get("name", ""), run_id=run_id)
+    rows: list[dict] = []
+    cos_rows: list[dict] = []
+    if cfg.threads:  # before provenance, which records the thread count
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
+    prov = _prov(tc.device if tc.device != "auto" else ("cuda" if _cuda() else "cpu"))
+
+    with (wandb_run(cfg, "train", name=f"{tc.model}-{static['preset']}-s{tc.seed}") if rank == 0
+          else _null()) as wb:
+        def on_epoch(row: dict) -> None:
+            rows.append({**static, **{k: v for k, v in row.items() if k in EPOCH_COLUMNS}, **prov})
+            _write_csv(out / "history.csv", rows, [*RUN_COLS, *EPOCH_COLUMNS, *PROVENANCE_COLS])
+            log_metrics(wb, {k: v for k, v in row.items() if k in EPOCH_COLUMNS}, step=row["epoch"])
+            print(f"[{static['preset']}] epoch {row['epoch']}: train loss {row['train_loss']:.4f}, "
+                  f"val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%, {row['epoch_time_s']:.1f}s "
+                  f"({row['images_per_s']:.0f} img/s)", flush=True)
+
+        res = train(tc, data, callback=on_epoch)
+        if rank != 0:
+            return res.summary
+        # A resumed run reports its whole history (epochs from before the interruption included).
+        known = {r["epoch"] for r in rows}
+        old = [{**static, **{k: v for k, v in r.items() if k in EPOCH_COLUMNS}, **prov}
+               for r in res.history if r["epoch"] not in known]
+        rows = sorted(old + rows, key=lambda r: r["epoch"])
+        _write_csv(out / "history.csv", rows, [*RUN_COLS, *EPOCH_COLUMNS, *PROVENANCE_COLS])
+        if res.cosines:
+            cos_rows = [{**static, **c} for c in res.cosines]
+            _write_csv(out / "grad_cosine.csv", cos_rows, [*RUN_COLS, "epoch", "layer", "cosine"])
+        summary = {**static, **res.summary, "status": "ok" if res.finished else "stopped", **prov,
+                   "data_info": data.info, "config": _container(cfg)}
+        _atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str, allow_nan=True))
+        if wb is not None:
+            wb.summary.update({k: v for k, v in res.summary.items() if isinstance(v, (int, float, str))})
+    return summary
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> dict:
+    try:
+        return run(cfg)
+    except (ActcompError, FileNotFoundError, PermissionError) as e:
+        # SystemExit passes through Hydra (it only catches Exception): one line and status 2.
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------- collecting a study
+
+def collect(run_dirs, out: str | os.PathLike, baseline: str = "none", targets=(), deltas=(0.5, 1.0)) -> dict:
+    """Merge the runs' ``history.csv`` into ``out/epochs.csv``, ``out/summary.csv`` (time-to-accuracy and schedule
+    overhead of each preset vs ``baseline``, by wall time and by CPU time) and ``out/grad_cosine.csv``.
+
+    Runs are told apart by their ``preset`` column; several seeds or models in one collection are kept apart
+    by grouping on (model, seed) and comparing each run with the baseline of its own group.
+    """
+    import pandas as pd
+
+    run_dirs = [Path(d) for d in run_dirs]
+    hists = [pd.read_csv(d / "history.csv") for d in run_dirs if (d / "history.csv").is_file()]
+    if not hists:
+        raise ActcompError(f"no history.csv under {', '.join(map(str, run_dirs)) or '(nothing)'}")
+    epochs = pd.concat(hists, ignore_index=True)
+    epochs["cpu_elapsed_s"] = epochs.sort_values("epoch").groupby("run_id")["cpu_time_s"].cumsum()
+    out = Path(out)
+    _atomic_write(out / "epochs.csv", epochs.to_csv(index=False))
+    rows = []
+    for (model, seed), g in epochs.groupby(["model", "seed"], sort=False):
+        hist = {p: h.sort_values("epoch") for p, h in g.groupby("preset", sort=False)}
+        if baseline not in hist:
+            continue
+        wall = overhead_table(hist, baseline, targets, deltas, time_key="elapsed_s")
+        cpu = overhead_table(hist, baseline, targets, deltas, time_key="cpu_elapsed_s")
+        for w, c in zip(wall, cpu, strict=True):
+            h = hist[w["run"]]
+            rows.append(dict(preset=w.pop("run"), model=model, seed=seed, baseline=baseline, **w,
+                             cpu_time_s=c["time_s"], baseline_cpu_time_s=c["baseline_time_s"],
+                             cpu_time_ratio=c["time_ratio"], total_cpu_time_s=float(h["cpu_time_s"].sum()),
+                             mean_images_per_s=float(h["images_per_s"].mean()),
+                             peak_mem_mib=float(h["peak_mem_mib"].max()), peak_mem_source=h["peak_mem_source"].iloc[-1],
+                             saved_mib=float(h["saved_mib"].iloc[-1]),
+                             **{k: h[k].iloc[-1] for k in PROVENANCE_COLS if k in h}))
+    summary = pd.DataFrame(rows)
+    _atomic_write(out / "summary.csv", summary.to_csv(index=False))
+    cos = [pd.read_csv(d / "grad_cosine.csv") for d in run_dirs if (d / "grad_cosine.csv").is_file()]
+    if cos:
+        _atomic_write(out / "grad_cosine.csv", pd.concat(cos, ignore_index=True).to_csv(index=False))
+    return dict(epochs=epochs, summary=summary)
+
+
+def find_runs(sweep_dir: str | os.PathLike) -> list[Path]:
+    return sorted({p.parent for p in Path(sweep_dir).glob("**/history.csv")})
+
+
+class CollectTrain(Callback):
+    """Hydra callback: when a multirun ends, collect its runs into ``out`` (see :func:`collect`)."""
+
+    def __init__(self, out: str, baseline: str = "none", targets=(), deltas=(0.5, 1.0)):
+        self.out, self.baseline = out, baseline
+        self.targets, self.deltas = list(targets or ()), list(deltas or ())
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        runs = find_runs(config.hydra.sweep.dir)
+        if not runs:
+            return
+        res = collect(runs, self.out, self.baseline, self.targets, self.deltas)
+        print(f"collected {len(runs)} run(s) into {self.out}/ (epochs.csv, summary.csv)")
+        s = res["summary"]
+        if len(s):
+            show = s[s["target_kind"] == "fixed"][["preset", "target", "epoch", "epochs_ratio", "time_ratio",
+                                                   "cpu_time_ratio", "final_val_top1"]]
+            print(show.to_string(index=False, float_format=lambda v: f"{v:.3g}" if not math.isnan(v) else "-"))
+
+
+if __name__ == "__main__":
+    main()

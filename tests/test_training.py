@@ -1,0 +1,198 @@
+"""Training: the Hydra app end to end, resume after a kill, DDP with gloo, equal starts, time-to-accuracy."""
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from actcomp.data import build_data
+from actcomp.training import (
+    TrainConfig,
+    TrainError,
+    build_model,
+    overhead_table,
+    schedule_overhead,
+    time_to_accuracy,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+ENV = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+# A tiny run: timm's test_resnet on 16 px synthetic data, one CPU thread (two threads on a busy 2-core box are
+# slower than one), no W&B, no memory prediction.
+TINY = ["data=synthetic", "data.n_train=64", "data.n_val=32", "data.image_size=16", "model=test_resnet",
+        "optim=sgd_cosine", "batch_size=16", "logger=disabled", "threads=1", "memory=false", "progress=false"]
+
+
+def _app(args, **kw):
+    return subprocess.run([sys.executable, "-m", "benchmarks.train", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def _tiny_cfg(**kw) -> TrainConfig:
+    base = dict(model="test_resnet", preset="pool2", epochs=3, batch_size=16, opt=dict(opt="sgd", lr=0.05),
+                sched=dict(sched="cosine", step_on_epochs=False), progress=False, memory=False, threads=1,
+                model_kwargs=dict(drop_rate=0.3))  # dropout: the RNG state must survive a resume as well
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return build_data("synthetic", n_train=64, n_val=32, image_size=16)
+
+
+def test_app_one_epoch_writes_history_and_summary(tmp_path):
+    r = _app([*TINY, "compression=pool2", "epochs=1", "grad_cosine=true", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    h = pd.read_csv(tmp_path / "history.csv")
+    assert len(h) == 1 and h["preset"].iloc[0] == "pool2"
+    for col in ("train_loss", "val_loss", "val_top1", "val_top5", "epoch_time_s", "images_per_s", "git_sha",
+                "torch_version", "device_name", "grad_cos_mean"):
+        assert col in h and h[col].notna().all(), col
+    assert 0 < h["grad_cos_mean"].iloc[0] <= 1
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["status"] == "ok" and s["epochs_done"] == 1 and s["n_val"] == 32
+    assert "tta_85_epoch" in s
+    cos = pd.read_csv(tmp_path / "grad_cosine.csv")
+    assert {"epoch", "layer", "cosine"} <= set(cos.columns) and len(cos) > 5
+    assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_app_bad_input_is_one_line_exit_2(tmp_path):
+    r = _app([*TINY, "model.name=resnet999", f"hydra.run.dir={tmp_path / 'a'}"])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown timm model 'resnet999'"), r.stderr
+    no_data = [a for a in TINY if not a.startswith("data")]
+    r = _app([*no_data, "data=fashion_mnist", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'b'}"])
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "make data" in r.stderr
+
+
+def test_resume_after_stop_equals_uninterrupted(tiny_data, tmp_path):
+    full = train(_tiny_cfg(ckpt_path=str(tmp_path / "a.pt"), epochs=2), tiny_data)
+    part = train(_tiny_cfg(ckpt_path=str(tmp_path / "b.pt"), epochs=2, stop_after_epoch=1), tiny_data)
+    assert not part.finished and len(part.history) == 1
+    with pytest.raises(TrainError, match="already exists"):  # never overwrite a checkpoint silently
+        train(_tiny_cfg(ckpt_path=str(tmp_path / "b.pt"), epochs=2), tiny_data)
+    with pytest.raises(TrainError, match="different run"):  # nor continue it with other settings
+        train(_tiny_cfg(ckpt_path=str(tmp_path / "b.pt"), epochs=2, resume=True, seed=1), tiny_data)
+    rest = train(_tiny_cfg(ckpt_path=str(tmp_path / "b.pt"), epochs=2, resume=True), tiny_data)
+    assert rest.finished and len(rest.history) == 2
+    keys = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")
+    assert [[r[k] for k in keys] for r in rest.history] == [[r[k] for k in keys] for r in full.history]
+
+
+def test_killed_app_resumes_to_the_same_metrics(tiny_data, tmp_path):
+    """SIGKILL the app once its first checkpoint exists; rerun with resume=true; compare with a run in-process."""
+    run = tmp_path / "run"
+    args = [*TINY, "compression=pool4", "epochs=4", "+model.kwargs.drop_rate=0.3", f"hydra.run.dir={run}"]
+    p = subprocess.Popen([sys.executable, "-m", "benchmarks.train", *args], cwd=ROOT, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (run / "checkpoint.pt").exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.wait(timeout=60)
+    if p.returncode != -signal.SIGKILL:
+        pytest.skip("the run finished before it could be killed")  # a very fast machine; the stop test covers it
+    done = torch.load(run / "checkpoint.pt", weights_only=False)["epoch"]
+    assert 1 <= done < 4
+    r = _app([*args, "resume=true"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = pd.read_csv(run / "history.csv")
+    assert got["epoch"].tolist() == [1, 2, 3, 4]
+
+    from hydra import compose, initialize_config_dir
+
+    from benchmarks.train import train_config
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=args[:-1])
+    ref = train(train_config(cfg, None), tiny_data)
+    for k in ("train_loss", "val_loss", "val_top1"):
+        assert got[k].tolist() == pytest.approx([h[k] for h in ref.history], rel=1e-12, abs=0), k
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                        f"--master_port={_free_port()}", "-m", "benchmarks.train", *TINY, "device=cpu", "epochs=2",
+                        "compression=pool2", f"hydra.run.dir={tmp_path}"],
+                       cwd=ROOT, env=dict(ENV, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    h = pd.read_csv(tmp_path / "history.csv")
+    assert h["epoch"].tolist() == [1, 2]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["n_val"] == 32
+    # every val sample counted once across the two processes: accuracies are multiples of 1/32
+    assert all(abs(v * 32 / 100 - round(v * 32 / 100)) < 1e-9 for v in h["val_top1"])
+
+
+def test_same_start_and_batches_for_every_preset(tiny_data):
+    a = build_model(_tiny_cfg(preset="none"), 10, 3).state_dict()
+    b = build_model(_tiny_cfg(preset="full4"), 10, 3).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # authors_b1 computes bitwise the native gradients: with the same start and the same batches the two
+    # runs must be identical, which they are only if nothing else (init, order, RNG) differs.
+    kw = dict(epochs=2, model_kwargs={})
+    h1 = train(_tiny_cfg(preset="none", **kw), tiny_data).history
+    h2 = train(_tiny_cfg(preset="authors_b1", **kw), tiny_data).history
+    assert [r["train_loss"] for r in h1] == [r["train_loss"] for r in h2]
+    assert [r["val_loss"] for r in h1] == [r["val_loss"] for r in h2]
+
+
+def test_time_to_accuracy_and_overhead_on_a_hand_made_history():
+    base = [dict(epoch=e, val_top1=v, elapsed_s=10.0 * e) for e, v in enumerate([70, 85, 88, 90, 90.5], 1)]
+    slow = [dict(epoch=e, val_top1=v, elapsed_s=12.0 * e) for e, v in enumerate([60, 80, 86, 88.5, 89.6, 90.2], 1)]
+    assert time_to_accuracy(base, 88).epoch == 3 and time_to_accuracy(base, 88).time_s == 30.0
+    assert time_to_accuracy(slow, 95).epoch is None
+    o = schedule_overhead(slow, base, target=88)
+    assert (o["epoch"], o["baseline_epoch"]) == (4, 3)
+    assert o["epochs_ratio"] == pytest.approx(4 / 3) and o["time_ratio"] == pytest.approx(48 / 30)
+    o = schedule_overhead(slow, base, target=None, delta=0.5)  # baseline best 90.5 - 0.5 = 90
+    assert o["target"] == 90 and o["epoch"] == 6 and o["baseline_epoch"] == 4 and o["epochs_ratio"] == 1.5
+    o = schedule_overhead(slow, base, target=90.4)
+    assert not o["reached"] and math.isnan(o["epochs_ratio"]) and o["baseline_epoch"] == 5
+    rows = overhead_table({"none": pd.DataFrame(base), "pool4": slow}, targets=[85, 90], deltas=[1.0])
+    assert [(r["run"], r["target"], r["epochs_ratio"]) for r in rows][:3] == [("none", 85, 1.0), ("none", 90, 1.0),
+                                                                              ("none", 89.5, 1.0)]
+    assert rows[-1]["run"] == "pool4" and rows[-1]["target"] == 89.5 and rows[-1]["epochs_ratio"] == 1.25
+    with pytest.raises(TrainError, match="baseline"):
+        overhead_table({"pool4": slow}, baseline="none")
+
+
+def test_epoch_sampler_covers_each_pass_once():
+    from actcomp.training import EpochSampler
+
+    s = EpochSampler(10, 4, seed=0)
+    epochs = []
+    for e in range(5):  # 20 samples = exactly two passes over 10
+        s.set_epoch(e)
+        epochs.append(list(s))
+    stream = sum(epochs, [])
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    s.set_epoch(3)
+    assert list(s) == epochs[3]  # a pure function of (seed, epoch): the same after a resume
+    halves = []
+    for r in (0, 1):
+        h = EpochSampler(10, 4, seed=0, rank=r, world=2)
+        h.set_epoch(1)
+        halves += list(h)
+    assert sorted(halves) == sorted(epochs[1])
