@@ -29,7 +29,7 @@ from .peers import apply_peer, remove_peer
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 _ACT_MODULES = ("torch.nn.modules.activation", "timm.layers.activations")
-_SE_NAMES = ("SqueezeExcite", "SEModule", "EffectiveSEModule")
+_SE_NAMES = ("SqueezeExcite", "SEModule", "EffectiveSEModule", "LayerScale")
 
 
 def module_kind(m: nn.Module) -> str | None:
@@ -44,8 +44,8 @@ def module_kind(m: nn.Module) -> str | None:
     cls = getattr(type(m), "_actcomp_orig_cls", type(m))  # judge a converted module by its own class
     if any(cls.__module__.startswith(p) for p in _ACT_MODULES) and not list(m.children()):
         return "act"
-    if any(n in cls.__name__ for n in _SE_NAMES):
-        return "se"
+    if any(n in cls.__name__ for n in _SE_NAMES) or isinstance(getattr(m, "gamma", None), nn.Parameter):
+        return "se"  # scale multiplies: SE gates, layer-scale (LayerScale modules, ConvNeXt blocks' gamma)
     return None
 
 
@@ -231,15 +231,21 @@ class _Intercept(TorchFunctionMode):
             _record(self.spec, "linear", x.shape, _nbytes(x), ops.quantized_nbytes(x.shape))
             return ops.Int8Linear.apply(x, w, b, self.spec.cfg.stochastic_rounding, self.spec.name)
         if kind == "se" and func in _MUL_FUNCS and len(args) == 2:
-            a, g = args
-            if isinstance(a, torch.Tensor) and isinstance(g, torch.Tensor) and a.dim() == 4 and g.dim() == 4:
-                if g.shape[-2:] == (1, 1) and a.shape[-2:] != (1, 1):
-                    _record(self.spec, "mul", a.shape, _nbytes(a), ops.quantized_nbytes(a.shape))
-                    return ops.Int8GateMul.apply(a, g, self.spec.cfg.stochastic_rounding, self.spec.name)
-                if a.shape[-2:] == (1, 1) and g.shape[-2:] != (1, 1):
-                    _record(self.spec, "mul", g.shape, _nbytes(g), ops.quantized_nbytes(g.shape))
-                    return ops.Int8GateMul.apply(g, a, self.spec.cfg.stochastic_rounding, self.spec.name)
+            big, small = _scale_operands(*args)
+            if big is not None:
+                _record(self.spec, "mul", big.shape, _nbytes(big), ops.quantized_nbytes(big.shape))
+                return ops.Int8ScaleMul.apply(big, small, self.spec.cfg.stochastic_rounding, self.spec.name)
         return func(*args, **kwargs)
+
+
+def _scale_operands(a, b):
+    """(big, small) when one operand is a small tensor broadcast over a big one (at least 2x more elements)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return None, None
+    big, small = (a, b) if a.numel() >= b.numel() else (b, a)
+    if small.numel() * 2 > big.numel() or torch.broadcast_shapes(a.shape, b.shape) != big.shape:
+        return None, None
+    return big, small
 
 
 class _Compressed:

@@ -201,3 +201,13 @@ def test_grad_filter_variant_trains_and_differs_from_pool():
         m(x).sum().backward()
         grads[p] = m.stem[0].weight.grad if hasattr(m, "stem") else next(m.parameters()).grad
     assert not torch.equal(grads["pool2"], grads["pool2_gf"])
+
+
+def test_layer_scale_mul_compressed_in_convnext():
+    m = timm.create_model("test_convnext", num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    native = actcomp.saved_bytes(m, x).by_kind.get("mul", 0)
+    actcomp.compress(m, "full2")
+    rep = actcomp.saved_bytes(m, x)
+    assert 0 < rep.by_kind["mul"] < native / 3  # the gamma multiply keeps a uint8 copy, not the fp32 tensor
+    assert {r["dtype"] for r in rep.rows if r["kind"] == "mul" and len(r["shape"]) == 4} == {"torch.uint8"}

@@ -1,6 +1,6 @@
 """Compressed-activation autograd functions. Each module states what is exact and what is approximated."""
 from .conv import PooledConv2d, pool_blocks, pooled_nbytes, unpool_blocks
-from .linear import Int8GateMul, Int8Linear
+from .linear import Int8ScaleMul, Int8Linear
 from .mask import MaskedActivation, hardtanh, leaky_relu, relu
 from .pool import CompactMaxPool2d, max_pool2d
 from .quant import (
@@ -14,7 +14,7 @@ from .quant import (
 from .recompute import RecomputeFromInt8, recompute
 
 __all__ = [
-    "PooledConv2d", "pool_blocks", "pooled_nbytes", "unpool_blocks", "Int8GateMul", "Int8Linear",
+    "PooledConv2d", "pool_blocks", "pooled_nbytes", "unpool_blocks", "Int8ScaleMul", "Int8Linear",
     "MaskedActivation", "hardtanh", "leaky_relu", "relu", "CompactMaxPool2d", "max_pool2d",
     "dequantize_uint8", "pack_bits", "packed_bits_nbytes", "quantize_uint8", "quantized_nbytes", "unpack_bits",
     "RecomputeFromInt8", "recompute",

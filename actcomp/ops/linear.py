@@ -2,8 +2,8 @@
 
 Linear: output exact; input gradient exact (dy @ W); bias gradient exact; weight gradient uses x̂
 (uint8 per group, |x - x̂| <= group range / 510; measured 0.5% relative error).
-Gating multiply ``x * g`` with g of shape (N, C, 1, 1) (squeeze-excite): output exact; gradient to x exact
-(dy * g); gradient to the gate uses x̂.
+Scale multiply ``x * s`` with a small broadcast ``s`` (squeeze-excite gate (N, C, 1, 1), layer-scale gamma):
+output exact; gradient to x exact (dy * s); gradient to s uses x̂.
 """
 from __future__ import annotations
 
@@ -36,21 +36,23 @@ class Int8Linear(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-class Int8GateMul(torch.autograd.Function):
+class Int8ScaleMul(torch.autograd.Function):
+    """``x * s`` where ``s`` is small and broadcasts to ``x`` (squeeze-excite gate, layer-scale gamma)."""
+
     @staticmethod
-    def forward(ctx, x, gate, stochastic, name):
-        q, lo, scale = quantize_uint8(x, stochastic)
+    def forward(ctx, x, scale, stochastic, name):
+        q, lo, sc = quantize_uint8(x, stochastic)
         ctx.dtype, ctx.actcomp_name, ctx.kind = x.dtype, name, "mul"
-        ctx.save_for_backward(q, lo, scale, gate)
-        return x * gate
+        ctx.save_for_backward(q, lo, sc, scale)
+        return x * scale
 
     @staticmethod
     def backward(ctx, dy):
-        q, lo, scale, gate = ctx.saved_tensors
-        dx = dg = None
+        q, lo, sc, scale = ctx.saved_tensors
+        dx = ds = None
         if ctx.needs_input_grad[0]:
-            dx = dy * gate
+            dx = dy * scale
         if ctx.needs_input_grad[1]:
-            x = dequantize_uint8(q, lo, scale, ctx.dtype)
-            dg = (dy * x).sum(dim=(2, 3), keepdim=True)
-        return dx, dg, None, None
+            x = dequantize_uint8(q, lo, sc, ctx.dtype)
+            ds = (dy * x).sum_to_size(scale.shape)
+        return dx, ds, None, None
