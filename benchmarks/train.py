@@ -3,6 +3,7 @@
     python -m benchmarks.train data=fashion_mnist model=resnet18 compression=pool4 epochs=3 optim=sgd_cosine
     python -m benchmarks.train -m experiment=fmnist_reference              # the CPU reference study
     python -m benchmarks.train -m experiment=paper_imagenet_resnet50 data.root=/data/imagenet   # the paper
+    python -m benchmarks.train collect outputs/train/fmnist_reference --out results/train/fmnist_reference
     torchrun --nproc_per_node=4 -m benchmarks.train experiment=...        # DDP (one process per GPU)
 
 Each job writes into its Hydra output dir: ``history.csv`` (one row per epoch, rewritten after every epoch),
@@ -260,5 +261,30 @@ class CollectTrain(Callback):
             print(show.to_string(index=False, float_format=lambda v: f"{v:.3g}" if not math.isnan(v) else "-"))
 
 
+def collect_cli(argv: list[str]) -> int:
+    """``python -m benchmarks.train collect SWEEP_DIR OUT [--baseline none] [--targets 85,88,90]``: the
+    multirun-end collection, by hand (e.g. after an interrupted sweep, or over several sweep dirs)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.train collect")
+    ap.add_argument("sweep_dir", nargs="+", help="folders holding run dirs with history.csv")
+    ap.add_argument("--out", required=True, help="output folder (epochs.csv, summary.csv, grad_cosine.csv)")
+    ap.add_argument("--baseline", default="none")
+    ap.add_argument("--targets", default="85,88,90", help="comma-separated val top-1 targets (%%)")
+    ap.add_argument("--deltas", default="0.5,1.0", help="targets at the baseline's best minus these")
+    a = ap.parse_args(argv)
+    try:
+        runs = [r for d in a.sweep_dir for r in find_runs(d)]
+        res = collect(runs, a.out, a.baseline, [float(t) for t in a.targets.split(",") if t],
+                      [float(t) for t in a.deltas.split(",") if t])
+    except (ActcompError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"collected {len(runs)} run(s) into {a.out}/ ({len(res['epochs'])} epoch rows)")
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "collect":
+        sys.exit(collect_cli(sys.argv[2:]))
     main()
