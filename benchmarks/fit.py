@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from actcomp.memory import largest_batch, verify_largest_batch_cuda
 
-from .sweep import BenchError, check_block, check_common, cli, compression_spec, run_point
+from .sweep import CONF_DIR, BenchError, check_block, check_common, cli, compression_spec, run_point
 
 
 def _label(gib) -> str:
@@ -52,7 +52,7 @@ def measure(cfg: DictConfig) -> dict:
     return out
 
 
-@hydra.main(config_path="../conf", config_name="fit", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="fit", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     return run_point(cfg, measure, tuple(f"max_batch_{_label(g)}" for g in cfg.budgets_gib))
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 import actcomp
 from actcomp.memory import build_model, step_memory
 
-from .sweep import check_block, check_common, cli, compression_spec, run_point
+from .sweep import CONF_DIR, check_block, check_common, cli, compression_spec, run_point
 
 DISPLAY = ("peak_bytes", "saved_total_bytes", "predicted_peak_bytes", "method")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,7 +77,7 @@ def measure(cfg: DictConfig) -> dict:
     return out
 
 
-@hydra.main(config_path="../conf", config_name="memory", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="memory", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     return run_point(cfg, measure, DISPLAY)
 

@@ -568,8 +568,8 @@ _BARS: dict[int, Any] = {}  # (tqdm bar, stop event, poll thread) of the launche
 class CollectCallback(Callback):
     """Registered in conf (hydra.callbacks.collect): progress over a sweep, then its CSV and a console table.
 
-    The bar lives in the launcher process and counts job summaries on disk; launchers that run points in
-    other processes (joblib, submitit) call ``on_job_end`` there, which prints a "k of n" line into that job's log.
+    The bar lives in the launcher process and counts job summaries on disk, so it also moves for launchers that
+    run points in other processes (joblib, submitit); there ``on_job_end`` runs in the worker and does nothing.
     """
 
     def __init__(self) -> None:
@@ -619,10 +619,8 @@ class CollectCallback(Callback):
                   if isinstance(s, dict) else "?")
         label = " ".join(o for o in config.hydra.overrides.task if o.split("=")[0] in self.swept) or config.sweep
         entry = _BARS.get(os.getpid()) if os.getpid() == self.pid else None
-        if entry is not None:
+        if entry is not None:  # the launcher process; in joblib/submitit workers the bar's poller counts it
             entry[0].set_postfix_str(f"{status}: {label}"[:70], refresh=False)
-        else:  # a worker process: its log gets the line
-            print(f"point #{config.hydra.job.num} ({self.n or '?'} in the sweep) {status}: {label}", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -74,8 +74,9 @@ def test_compose_every_app(app):
             assert compose(app, overrides=[f"device={dev}"]).device.name == dev
         for lg in ("offline", "online", "disabled"):
             assert compose(app, overrides=[f"logger={lg}"]).logger.mode == lg
-        for p in sweep.group_options("compression"):  # every preset has its config, and back
-            assert compose(app, overrides=[f"compression={p}"]).compression.name == p
+        if app == "memory":
+            for p in sweep.group_options("compression"):  # every preset has its config, and back
+                assert compose(app, overrides=[f"compression={p}"]).compression.name == p
     import actcomp
 
     assert set(sweep.group_options("compression")) == set(actcomp.PRESETS)
@@ -142,7 +143,7 @@ def test_multirun_end_to_end_skip_and_failure(tmp_path, monkeypatch, capsys):
 
 
 def test_force_remeasures(tmp_path, monkeypatch, capsys):
-    args = ["model=test_resnet", "batch_size=1", *TINY]
+    args = ["model=test_resnet", "batch_size=2", *TINY]
     assert run_app("memory", args, tmp_path, monkeypatch) == 0
     assert run_app("memory", args, tmp_path, monkeypatch) == 0
     assert "1 skipped" in capsys.readouterr().out
@@ -164,15 +165,16 @@ def test_speed_and_fit_apps(tmp_path, monkeypatch):
     s = pd.read_csv(tmp_path / "results" / "speed" / "t.csv").iloc[0]
     assert s.status == "ok" and s.median_step_s > 0 and s.ratio_to_none > 0 and s.none_median_step_s > 0
     assert s.images_per_s == pytest.approx(2 / s.median_step_s)
-    assert run_app("fit", ["model=test_resnet", "compression=pool2", "budgets_gib=[0.005,0.02]", *TINY],
+    # 64 px: at 32 px the last feature map is 1x1 and BatchNorm cannot train on batch 1 (the search starts at 1)
+    assert run_app("fit", ["model=test_resnet", "compression=pool2", "budgets_gib=[0.01,0.05]", "img_size=64", *TINY],
                    tmp_path, monkeypatch) == 0
     f = pd.read_csv(tmp_path / "results" / "fit" / "t.csv").iloc[0]
-    assert f.status == "ok" and 1 <= f.max_batch_0p005gib <= f.max_batch_0p02gib
+    assert f.status == "ok" and 1 <= f.max_batch_0p01gib < f.max_batch_0p05gib
 
 
 def test_submitit_local_sweep(tmp_path, monkeypatch):
     args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "model=test_resnet",
-            "compression=none,pool2", "batch_size=1", "saved_by_op=false", "img_size=16", "sweep=sub"]
+            "compression=none,pool2", "batch_size=2", "saved_by_op=false", "img_size=16", "sweep=sub"]
     assert run_app("memory", args, tmp_path, monkeypatch) == 0
     df = pd.read_csv(tmp_path / "results" / "memory" / "sub.csv")
     assert len(df) == 2 and (df.status == "ok").all()
@@ -188,7 +190,7 @@ def _results_snapshot(tmp: Path) -> dict:
 @pytest.fixture
 def seeded(tmp_path, monkeypatch):
     """A results folder with one aggregated sweep in it, which bad input must leave untouched."""
-    assert run_app("memory", ["model=test_resnet", "batch_size=1", "saved_by_op=false", *TINY],
+    assert run_app("memory", ["model=test_resnet", "batch_size=2", "saved_by_op=false", *TINY],
                    tmp_path, monkeypatch) == 0
     return tmp_path
 
@@ -203,7 +205,7 @@ BAD = [
     ("memory", ["model=test_resnet", "batch_size=0"], "batch_size=0: must be an integer >= 1"),
     ("speed", ["model=test_resnet", "batch_size=-3"], "batch_size=-3: must be an integer >= 1"),
     ("memory", ["model=test_resnet", "compression=pool4", "img_size=2"], "img_size=2 is smaller than the 4x4"),
-    ("memory", ["model.name=vit_small_patch16_224", "img_size=8", "batch_size=1"], "img_size=8"),
+    ("memory", ["model.name=vit_small_patch16_224", "img_size=8", "batch_size=2"], "img_size=8"),
     ("memory", ["device=gpu"], "unknown device 'gpu'"),
     ("speed", ["model=test_resnet", "device=meta"], "speed needs real compute"),
     ("fit", ["model=test_resnet", "budgets_gib=[0]"], "budgets_gib=[0]"),
@@ -258,7 +260,7 @@ def test_wandb_offline_logs_without_network(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
-    args = ["model=test_resnet", "batch_size=1", "saved_by_op=false", "logger=offline", f"logger.dir={tmp_path}",
+    args = ["model=test_resnet", "batch_size=2", "saved_by_op=false", "logger=offline", f"logger.dir={tmp_path}",
             *TINY]
     assert run_app("memory", args, tmp_path, monkeypatch) == 0
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
