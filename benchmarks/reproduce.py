@@ -1,0 +1,391 @@
+"""``make reproduce``: run every experiment the figures need, in order, then draw the figures.
+
+    python -m benchmarks.reproduce                  # CPU scale into results/ (paper scale too where CUDA is present)
+    python -m benchmarks.reproduce quick=true       # toy scale into results-quick/ (never touches results/)
+    python -m benchmarks.reproduce data.root=/data/imagenet     # + the paper's ImageNet runs (needs CUDA)
+    python -m benchmarks.reproduce stages=timeline,figures force=true dry_run=true
+
+Options (key=value):
+  quick=false       toy scale: tiny timm models, small batches, 2 epochs on a data subset; results-quick/
+  out=              results root (default results/, or results-quick/ with quick=true)
+  force=false       run stages again although their CSVs exist (the sweeps then measure every point again)
+  stages=           comma-separated subset of the stage names (default: all that apply)
+  paper=auto        auto: the CUDA stages run when torch.cuda.is_available(); true/false to force
+  data.root=        an ImageNet folder: adds the paper's ResNet-18/34/50 ImageNet runs (with CUDA)
+  logger=           W&B mode for the apps that log (offline by default; quick: disabled)
+  dry_run=false     print each stage's command and what would be skipped, run nothing
+  fork=true         start each stage from a pre-imported process (fork; saves ~10 s of imports per stage)
+
+Each stage is one app of ``benchmarks/``; the driver only orders them, says which stage k/n is running and for
+how long, skips what is done (the Hydra sweeps skip recorded points by themselves; every other stage is skipped
+when its output CSVs exist, unless force=true), goes on after a failed stage, and ends with ``benchmarks.figures``
+and a summary table. Exit status: 0 when every stage ran or was skipped, 1 when one failed, 2 on bad options.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PRELOAD = ("torch", "timm", "hydra", "omegaconf", "pandas", "matplotlib")
+
+
+@dataclass
+class Stage:
+    name: str
+    what: str
+    module: str
+    args: list[str]
+    outputs: list[Path] = field(default_factory=list)  # skip when all exist (unless force); empty: never skipped
+    self_skipping: bool = False  # a Hydra sweep: points already recorded are skipped by the app itself
+    note: str = ""
+
+
+def _fmt(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+def train_callback_args(experiment: str | None, out: Path, targets: str | None = None) -> list[str]:
+    """Overrides that make the study's collect callback write into ``out`` (the experiment's own key when it
+    declares a ``benchmarks.train.CollectTrain`` callback, else one added here)."""
+    key = None
+    if experiment:
+        try:
+            from omegaconf import OmegaConf
+
+            cb = OmegaConf.load(REPO / "conf/experiment" / f"{experiment}.yaml").get("hydra", {}).get("callbacks") or {}
+            key = next((k for k, v in cb.items() if str(v.get("_target_", "")).endswith("CollectTrain")), None)
+        except (OSError, ValueError):
+            key = None
+    if key:
+        return [f"hydra.callbacks.{key}.out={out}"]
+    return ["+hydra.callbacks.collect_train._target_=benchmarks.train.CollectTrain",
+            f"+hydra.callbacks.collect_train.out={out}",
+            *([f"+hydra.callbacks.collect_train.targets={targets}"] if targets else [])]
+
+
+def plan(o: dict) -> list[Stage]:
+    R: Path = o["out"]
+    H = R / "outputs" if o["quick"] else REPO / "outputs"  # Hydra's per-job dirs (quick: inside results-quick/)
+    q = o["quick"]
+    lg = [f"logger={o['logger']}"] if o["logger"] else []
+    sweep_common = [f"out_dir={R}", f"hydra_dir={H}", *lg] + (["hydra/launcher=basic"] if q else [])
+    S: list[Stage] = []
+
+    def resumable(study: str) -> list[str]:
+        """A fixed sweep folder + resume=true: a rerun continues interrupted runs from their last checkpoint and
+        finished ones end at once. force=true: a fresh (timestamped) sweep folder, everything trained again."""
+        return [] if o["force"] else [f"hydra.sweep.dir={H}/train/{study}/reproduce", "resume=true"]
+
+    # 1. the per-layer table (figure 1, README)
+    if q:
+        tab = ["batch_size=2", "img_size=64"]
+        tab_out = [R / "table/resnet18_b2_64px_conv_layers.csv", R / "table/resnet18_b2_64px_saved_bytes.csv"]
+    else:
+        tab = []
+        tab_out = [R / "table/resnet18_b32_224px_conv_layers.csv", R / "table/resnet18_b32_224px_saved_bytes.csv"]
+    S.append(Stage("table", "per-layer table + saved bytes per preset (fig. 1, README)", "benchmarks.table",
+                   [*tab, f"out_dir={R / 'table'}", f"hydra.run.dir={H}/table"], tab_out))
+
+    # 2-4. memory sweeps on meta (figures 2, 3)
+    if q:
+        toy = ["model=test_resnet,test_efficientnet", "img_size=64"]
+        S.append(Stage("memory_by_op", "saved bytes by op kind (fig. 2)", "benchmarks.memory",
+                       ["-m", *toy, "compression=none,authors_b1,pool2,pool4,full4", "batch_size=4", "saved_by_op=true",
+                        "sweep=memory_by_op", "device=meta", *sweep_common], self_skipping=True))
+        S.append(Stage("memory_batch", "peak vs batch size (fig. 3)", "benchmarks.memory",
+                       ["-m", *toy, "compression=none,authors_b1,pool2,pool4,full4", "batch_size=2,8,32",
+                        "saved_by_op=false", "sweep=memory_batch", "device=meta", *sweep_common], self_skipping=True))
+    else:
+        for exp, what in (("memory_by_op", "saved bytes by op kind, 9 models x 6 presets (fig. 2)"),
+                          ("memory_batch", "peak vs batch size, ResNet-18/50 (fig. 3)"),
+                          ("memory_models", "step peak, 20 models x 4 presets x 3 batch sizes")):
+            S.append(Stage(exp, what, "benchmarks.memory", ["-m", f"experiment={exp}", *sweep_common],
+                           self_skipping=True))
+
+    # 5. largest batch per budget (figure 4)
+    if q:
+        S.append(Stage("fit", "largest batch per memory budget (fig. 4)", "benchmarks.fit",
+                       ["-m", "model=test_resnet,test_efficientnet", "compression=none,authors_b1,pool4,full4",
+                        "img_size=64", "budgets_gib=[0.015625,0.03125,0.0625]", "max_batch=1024", "sweep=fit_models",
+                        "device=meta", *sweep_common], self_skipping=True))
+    else:
+        S.append(Stage("fit", "largest batch per memory budget, 4-80 GiB (fig. 4)", "benchmarks.fit",
+                       ["-m", "experiment=fit_models", *sweep_common], self_skipping=True))
+
+    # 6. step time (figure 8)
+    if q:
+        S.append(Stage("speed", "step-time ratio to native on CPU (fig. 8)", "benchmarks.speed",
+                       ["-m", "model=test_resnet", "compression=authors_b1,pool4,full4", "batch_size=4",
+                        "img_size=32", "warmup=1", "iters=2", "sweep=speed_cpu", "device=cpu", *sweep_common],
+                       self_skipping=True))
+    else:
+        S.append(Stage("speed", "step-time ratio to native on CPU (fig. 8)", "benchmarks.speed",
+                       ["-m", "experiment=speed_cpu", *sweep_common], self_skipping=True))
+
+    # 7. whole-set targets: predicted peaks, step time, gradient cosine (figures 7, 8)
+    ws = R / "whole_set"
+    S.append(Stage("whole_set", "whole-set targets: peaks, step time, gradient cosine (figs. 7, 8)",
+                   "benchmarks.whole_set", [*(["quick=true"] if q else []), f"out_dir={ws}",
+                                            f"hydra.run.dir={H}/whole_set"],
+                   [ws / "peak.csv", ws / "speed.csv", ws / "cosine.csv"]))
+
+    # 8. memory over one step (figure 9)
+    tl = (["model=test_resnet", "batch_size=8", "img_size=64"] if q else ["model=resnet18", "batch_size=64"])
+    tl_name = "test_resnet_b8.csv" if q else "resnet18_b64.csv"
+    S.append(Stage("timeline", "memory over one training step, none/pool2/full4 (fig. 9)", "benchmarks.timeline",
+                   [*tl, f"out_dir={R / 'timeline'}", f"hydra.run.dir={H}/timeline"], [R / "timeline" / tl_name]))
+
+    # 9. training: convergence, time-to-accuracy, gradient cosine per epoch (figures 5, 6, 7)
+    if q:
+        study = "fmnist_quick"
+        out = R / "train" / study
+        args = ["-m", "data=fashion_mnist", "data.subset_train=512", "data.subset_val=256", "model=test_resnet",
+                "compression=none,authors_b1,pool2,pool4,full4", "epochs=2", "batch_size=32", "optim=sgd_cosine",
+                "grad_cosine=true", "targets=[30,40,50]", "progress=false", f"name={study}", f"hydra_dir={H}",
+                *resumable(study), *lg, *train_callback_args(None, out, "[30,40,50]")]
+        S.append(Stage("train", "Fashion-MNIST toy study: 5 presets x 2 epochs (figs. 5-7)", "benchmarks.train",
+                       args, [out / "epochs.csv", out / "summary.csv"]))
+    else:
+        exp = "fmnist_reference"
+        out = R / "train" / exp
+        if (REPO / "conf/experiment" / f"{exp}.yaml").is_file():
+            S.append(Stage("train", "Fashion-MNIST CPU reference study (figs. 5-7)", "benchmarks.train",
+                           ["-m", f"experiment={exp}", f"hydra_dir={H}", *resumable(exp), *lg,
+                            *train_callback_args(exp, out)],
+                           [out / "epochs.csv", out / "summary.csv"]))
+        else:
+            S.append(Stage("train", "Fashion-MNIST CPU reference study (figs. 5-7)", "", [],
+                           note=f"conf/experiment/{exp}.yaml not found"))
+
+    # 10+. paper scale: measured GPU memory, GPU-verified fit, the authors' ImageNet recipe
+    if o["paper"]:
+        gpu = ["-m", "device=cuda", "model=resnet18,resnet50,efficientnet_b0",
+               "compression=none,authors_b1,pool2,pool4,full2,full4", "batch_size=64", "img_size=224"]
+        S.append(Stage("gpu_memory", "measured GPU step peak vs prediction, batch 64 (fig. 3 points)",
+                       "benchmarks.memory", [*gpu, "sweep=gpu_memory", *sweep_common], self_skipping=True))
+        S.append(Stage("gpu_fit", "largest batch per budget, verified by real OOM searches (fig. 4)",
+                       "benchmarks.fit", ["-m", "experiment=fit_models", "device=cuda", "sweep=fit_models_cuda",
+                                          *sweep_common], self_skipping=True))
+        if o["data_root"]:
+            for exp in ("paper_imagenet_resnet18", "paper_imagenet_resnet34", "paper_imagenet_resnet50"):
+                out = R / "train" / exp
+                if not (REPO / "conf/experiment" / f"{exp}.yaml").is_file():
+                    S.append(Stage(exp, "the authors' ImageNet recipe (figs. 5-7)", "", [],
+                                   note=f"conf/experiment/{exp}.yaml not found"))
+                    continue
+                S.append(Stage(exp, "the authors' ImageNet recipe, b = 1, 2, 4 + baselines (figs. 5-7)",
+                               "benchmarks.train",
+                               ["-m", f"experiment={exp}", f"data.root={o['data_root']}", f"hydra_dir={H}",
+                                *resumable(exp), *lg, *train_callback_args(exp, out)],
+                               [out / "epochs.csv", out / "summary.csv"]))
+    S.append(Stage("figures", "draw every figure from the CSVs", "benchmarks.figures",
+                   [f"results={R}", *([] if not q and R.resolve() == (REPO / "results").resolve() else ["readme=none"])]))
+    return S
+
+
+# ------------------------------------------------------------------------------------------ running
+
+def _preload() -> None:
+    for m in PRELOAD:
+        try:
+            __import__(m)
+        except ImportError:
+            pass
+
+
+def _run_forked(module: str, args: list[str]) -> int:
+    """Run ``python -m module args`` in a fork of this (pre-imported) process; returns its exit status."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # child: a fresh __main__ run of the app
+        code = 0
+        try:
+            import runpy
+
+            sys.argv = [module, *args]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except BaseException as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            code = 130 if isinstance(e, KeyboardInterrupt) else 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _run_subprocess(module: str, args: list[str]) -> int:
+    return subprocess.call([sys.executable, "-m", module, *args], cwd=REPO)
+
+
+class Heartbeat:
+    """Prints '[k/n] stage: 3m00s elapsed' every ``every`` seconds while a stage runs."""
+
+    def __init__(self, tag: str, every: float):
+        self.tag, self.every, self.t0 = tag, every, time.perf_counter()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.wait(self.every):
+            print(f"\n{self.tag}: still running, {_fmt(time.perf_counter() - self.t0)} elapsed", file=sys.stderr,
+                  flush=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *a):
+        self.stop.set()
+        self.thread.join()
+        return False
+
+
+def parse(argv: list[str]) -> dict:
+    o = dict(quick="false", out="", force="false", stages="", paper="auto", logger="", dry_run="false",
+             fork="true", heartbeat="60")
+    o["data.root"] = ""
+    for a in argv:
+        if a in ("-h", "--help"):
+            print(__doc__)
+            raise SystemExit(0)
+        if "=" not in a:
+            raise ValueError(f"argument {a!r}: use key=value ({', '.join(o)})")
+        k, v = a.split("=", 1)
+        if k not in o:
+            raise ValueError(f"unknown option {k!r}; known: {', '.join(o)}")
+        o[k] = v
+
+    def flag(k: str) -> bool:
+        v = o[k].strip().lower()
+        if v not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{k}={o[k]!r}: use true or false")
+        return v in ("true", "1", "yes")
+
+    res = dict(quick=flag("quick"), force=flag("force"), dry_run=flag("dry_run"), fork=flag("fork") and hasattr(
+        os, "fork"))
+    res["out"] = Path(o["out"] or ("results-quick" if res["quick"] else "results")).expanduser()
+    if not res["out"].is_absolute():
+        res["out"] = Path.cwd() / res["out"]
+    if res["quick"] and res["out"].resolve() == (REPO / "results").resolve():
+        raise ValueError("quick=true never writes into results/; pick another out= (default results-quick/)")
+    p = o["paper"].strip().lower()
+    if p not in ("auto", "true", "false"):
+        raise ValueError(f"paper={o['paper']!r}: use auto, true or false")
+    res["data_root"] = o["data.root"] or None
+    if res["data_root"] and not Path(res["data_root"]).expanduser().is_dir():
+        raise ValueError(f"data.root={res['data_root']}: no such folder (an ImageNet tree with train/ and val/)")
+    if p == "auto" and res["quick"]:
+        res["paper"] = False
+    elif p == "auto":
+        import torch
+
+        res["paper"] = torch.cuda.is_available()
+    else:
+        res["paper"] = p == "true"
+    res["logger"] = o["logger"] or ("disabled" if res["quick"] else "")
+    if res["logger"] and res["logger"] not in ("offline", "online", "disabled"):
+        raise ValueError(f"logger={res['logger']!r}: use offline, online or disabled")
+    res["stages"] = [s.strip() for s in o["stages"].split(",") if s.strip()]
+    try:
+        res["heartbeat"] = float(o["heartbeat"])
+    except ValueError:
+        raise ValueError(f"heartbeat={o['heartbeat']!r}: seconds between progress lines") from None
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        o = parse(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        print(f"reproduce: {e}", file=sys.stderr)
+        return 2
+    stages = plan(o)
+    names = [s.name for s in stages]
+    unknown = [s for s in o["stages"] if s not in names]
+    if unknown:
+        print(f"reproduce: unknown stage(s) {', '.join(unknown)}; stages here: {', '.join(names)}", file=sys.stderr)
+        return 2
+    if o["stages"]:
+        stages = [s for s in stages if s.name in o["stages"]]
+    if o["data_root"] and not o["paper"]:
+        print("reproduce: note: data.root given but CUDA is not available: the ImageNet runs need a GPU and are "
+              "left out (paper=true forces them)", file=sys.stderr)
+    scale = "toy scale (quick)" if o["quick"] else ("paper scale (CUDA)" if o["paper"] else "CPU scale")
+    print(f"reproduce: {len(stages)} stages at {scale} into {o['out']}", flush=True)
+    if not o["dry_run"]:
+        try:
+            o["out"].mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"reproduce: cannot create {o['out']} ({e.strerror or e})", file=sys.stderr)
+            return 2
+        if o["fork"]:
+            _preload()
+    t_all = time.perf_counter()
+    report = []
+    for k, st in enumerate(stages, 1):
+        tag = f"[{k}/{len(stages)}] {st.name}"
+        if not st.module:
+            print(f"\n{tag}: not available ({st.note}); skipped", flush=True)
+            report.append((st.name, "n/a", 0.0, st.note))
+            continue
+        if st.outputs and all(p.is_file() for p in st.outputs) and not o["force"]:
+            print(f"\n{tag}: done before ({', '.join(_rel(p) for p in st.outputs)}); skipped (force=true reruns)",
+                  flush=True)
+            report.append((st.name, "skipped", 0.0, "outputs exist"))
+            continue
+        args = list(st.args) + (["force=true"] if o["force"] and st.self_skipping else [])
+        cmd = f"python -m {st.module} {' '.join(args)}"
+        print(f"\n{'=' * 100}\n{tag} — {st.what}\n  $ {cmd}", flush=True)
+        if o["dry_run"]:
+            report.append((st.name, "dry run", 0.0, "recorded points are skipped by the app" if st.self_skipping
+                           else ""))
+            continue
+        t0 = time.perf_counter()
+        with Heartbeat(tag, o["heartbeat"]):
+            rc = (_run_forked if o["fork"] else _run_subprocess)(st.module, args)
+        dt = time.perf_counter() - t0
+        missing = [p for p in st.outputs if not p.is_file()]
+        status = "ok" if rc == 0 and not missing else "FAILED"
+        why = f"exit {rc}" if rc else (f"missing {', '.join(_rel(p) for p in missing)}" if missing else "")
+        print(f"{tag}: {status} in {_fmt(dt)} {('(' + why + ')') if why else ''}(total {_fmt(time.perf_counter() - t_all)})",
+              flush=True)
+        report.append((st.name, status, dt, why))
+    total = time.perf_counter() - t_all
+    print(f"\n{'=' * 100}\nreproduce: summary ({scale}, {_rel(o['out'])}, {_fmt(total)} in all)")
+    w = max(len(r[0]) for r in report) if report else 5
+    for name, status, dt, why in report:
+        print(f"  {name:<{w}}  {status:<8} {_fmt(dt):>8}  {why}")
+    failed = [r[0] for r in report if r[1] == "FAILED"]
+    if failed:
+        print(f"reproduce: {len(failed)} stage(s) failed: {', '.join(failed)} (rerun: finished work is skipped)",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

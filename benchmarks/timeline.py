@@ -1,0 +1,69 @@
+"""Memory over one training step (figure 9): bytes allocated after every op for a few presets, one CSV.
+
+    python -m benchmarks.timeline                       # resnet18, batch 64, 224 px -> results/timeline/resnet18_b64.csv
+    python -m benchmarks.timeline model=resnet50 batch_size=32 device=cpu img_size=64
+    python -m benchmarks.timeline model.name=<any timm model>
+
+Columns: model, preset, batch_size, img_size, method, op_index, op, phase, allocated_bytes + provenance
+(``actcomp.timeline.step_timeline``; ``method`` says predicted on meta or measured on cpu).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import pandas as pd
+from omegaconf import DictConfig
+
+import actcomp
+from actcomp.provenance import provenance
+from actcomp.timeline import step_timeline
+
+from .common import atomic_write_csv, fail
+
+MIB = 2.0**20
+
+
+def measure(cfg: DictConfig) -> pd.DataFrame:
+    presets = list(cfg.presets)
+    if not presets:
+        raise actcomp.ActcompError("presets is empty; give e.g. presets=[none,pool2,full4]")
+    for p in presets:
+        actcomp.get_preset(p)
+    method = {"meta": "memtracker-meta (predicted)", "cpu": "memtracker-cpu (measured)"}.get(str(cfg.device))
+    frames = []
+    for p in presets:
+        df = step_timeline(cfg.model.name, cfg.batch_size, img_size=cfg.img_size, preset=p, device=cfg.device,
+                           optimizer=cfg.optimizer, num_classes=cfg.model.num_classes,
+                           in_chans=cfg.model.in_chans)
+        df.insert(0, "model", cfg.model.name)
+        df.insert(1, "preset", p)
+        df.insert(2, "batch_size", cfg.batch_size)
+        df.insert(3, "img_size", cfg.img_size)
+        df.insert(4, "method", method)
+        frames.append(df)
+    out = pd.concat(frames, ignore_index=True)
+    prov = provenance(cfg.device)
+    for k, v in dict(git_sha=prov["git_sha"], torch_version=prov["torch"], timm_version=prov["timm"],
+                     python_version=prov["python"], device_name=prov["device"], date=prov["date"]).items():
+        out[k] = v
+    return out
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="timeline")
+def main(cfg: DictConfig) -> None:
+    try:
+        df = measure(cfg)
+        path = Path(hydra.utils.to_absolute_path(cfg.out_dir)) / f"{cfg.model.name}_b{cfg.batch_size}.csv"
+        atomic_write_csv(df, path)
+    except (actcomp.ActcompError, OSError) as e:
+        fail(e)
+    peaks = df.groupby("preset", sort=False).agg(ops=("op_index", "size"), peak_mib=("allocated_bytes", "max"))
+    peaks["peak_mib"] /= MIB
+    print(peaks.to_string(float_format="{:.1f}".format))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
