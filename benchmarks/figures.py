@@ -61,6 +61,10 @@ def label(p: str) -> str:
     return PRESET_LABEL.get(p, p)
 
 
+_MARKERS = {"none": "o", "authors_b1": "s", "pool2": "^", "pool4": "v", "pool8": "<", "maxpool2": ">", "full2": "D",
+            "full4": "P", "ckpt": "X", "int8": "*", "offload": "h"}
+
+
 def line_style(p: str) -> dict:
     """Lines: native = black solid, authors' baseline = black dashed, every other preset its own colour."""
     if p == "none":
@@ -68,6 +72,10 @@ def line_style(p: str) -> dict:
     if p == "authors_b1":
         return dict(color="black", ls="--", lw=2.2)
     return dict(color=_COLORS.get(p, "#444444"), ls="-", lw=1.6)
+
+
+def marker(p: str) -> str:
+    return _MARKERS.get(p, "o")
 
 
 def bar_style(p: str) -> dict:
@@ -116,7 +124,7 @@ class Results:
                  ) -> pd.DataFrame:
         """Every CSV matching ``pattern``, concatenated (``_source`` column). ``skip_lacking``: CSVs without the
         ``need`` columns are left out (e.g. peak-only sweeps for the by-op figure) instead of an error."""
-        frames, lacking = [], []
+        frames, lacking, cols = [], [], set()
         for p in self.csvs(pattern, hint):
             try:
                 df = self.read(p, need)
@@ -124,11 +132,12 @@ class Results:
                 if not skip_lacking or "lacks column" not in str(e):
                     raise
                 lacking.append(self.rel(p))
+                cols.update(str(e).rsplit("lacks column(s) ", 1)[-1].split(", "))
                 continue
             df["_source"] = self.rel(p)
             frames.append(df)
         if not frames:
-            raise Missing(f"{', '.join(lacking)} lack(s) column(s) {', '.join(need)} ({hint})")
+            raise Missing(f"{', '.join(lacking)} lack(s) column(s) {', '.join(sorted(cols))} ({hint})")
         return pd.concat(frames, ignore_index=True)
 
 
@@ -324,7 +333,7 @@ def fig3_peak_vs_batch(R: Results, plt):
         g = g[g["img_size"] == img].drop_duplicates(subset=["preset", "batch_size"], keep="last")
         for p in sort_presets(g["preset"]):
             s = g[g["preset"] == p].sort_values("batch_size")
-            ax.plot(s["batch_size"], s["peak_bytes"] / div, marker="o", ms=3.5, label=f"{label(p)}, predicted",
+            ax.plot(s["batch_size"], s["peak_bytes"] / div, marker=marker(p), ms=5, label=f"{label(p)}, predicted",
                     **line_style(p))
         if len(gpu):
             mg = gpu[(gpu["model"] == model) & (gpu["img_size"] == img)] if "img_size" in gpu else gpu[
@@ -460,8 +469,8 @@ def fig5_convergence(R: Results, plt):
             seeds = g["seed"].nunique() if "seed" in g else 1
             st = line_style(p)
             lab = label(p) + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
-            a1.plot(by["epoch"], by["acc"], marker="o", ms=3, label=lab, **st)
-            a2.plot(by["t"] / 60, by["acc"], marker="o", ms=3, label=lab, **st)
+            a1.plot(by["epoch"], by["acc"], marker=marker(p), ms=4, label=lab, **st)
+            a2.plot(by["t"] / 60, by["acc"], marker=marker(p), ms=4, label=lab, **st)
             if seeds > 1:
                 a1.fill_between(by["epoch"], by["lo"], by["hi"], color=st["color"], alpha=0.12)
         a1.set_xlabel("epoch")
