@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .ops.quant import dequantize_uint8, quantize_uint8
 
@@ -38,11 +39,13 @@ def _hooks_for(model):
     kind = model._actcomp_peer
     params = model._actcomp_param_keys
     if kind == "offload":
-        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-        if dev.type == "meta":
+        p0 = next(model.parameters(), None)
+        dev = p0.device if p0 is not None else torch.device("cpu")
+        # Prediction (meta, or fake tensors for AMP): saved tensors leave the device, come back in backward.
+        if dev.type == "meta" or (p0 is not None and is_fake(p0)):
             return torch.autograd.graph.saved_tensors_hooks(
-                lambda t: t if _key(t) in params else (t.shape, t.dtype),
-                lambda s: s if isinstance(s, torch.Tensor) else torch.empty(s[0], dtype=s[1], device="meta"))
+                lambda t: t if _key(t) in params else (t.shape, t.dtype, t.device),
+                lambda s: s if isinstance(s, torch.Tensor) else torch.empty(s[0], dtype=s[1], device=s[2]))
         return torch.autograd.graph.save_on_cpu(pin_memory=dev.type == "cuda")
 
     def pack(t):
