@@ -133,6 +133,11 @@ def run(cfg: DictConfig) -> dict:
                   model_kwargs=json.dumps(tc.model_kwargs, sort_keys=True) if tc.model_kwargs else "", data=data_name, seed=tc.seed, batch_size=tc.batch_size, image_size=data.image_size,
                   n_train=len(data.train), n_val=len(data.val), optim=cfg.optim.get("name", ""), run_id=run_id)
     rows: list[dict] = []
+    if tc.resume and (out / "history.csv").is_file():
+        # keep the epochs a resumed run already reported: history.csv is rewritten after every epoch
+        import pandas as pd
+
+        rows = pd.read_csv(out / "history.csv").to_dict("records")
     cos_rows: list[dict] = []
     if cfg.threads:  # before provenance, which records the thread count
         import torch
@@ -143,6 +148,7 @@ def run(cfg: DictConfig) -> dict:
     with (wandb_run(cfg, "train", name=f"{tc.model}-{static['preset']}-s{tc.seed}") if rank == 0
           else _null()) as wb:
         def on_epoch(row: dict) -> None:
+            rows[:] = [r for r in rows if r["epoch"] < row["epoch"]]  # a resume redoes epochs after its checkpoint
             rows.append({**static, **{k: v for k, v in row.items() if k in EPOCH_COLUMNS}, **prov})
             _write_csv(out / "history.csv", rows, [*RUN_COLS, *EPOCH_COLUMNS, *PROVENANCE_COLS])
             log_metrics(wb, {k: v for k, v in row.items() if k in EPOCH_COLUMNS}, step=row["epoch"])
