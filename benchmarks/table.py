@@ -1,22 +1,23 @@
 """Per-layer conv table of the study + whole-model saved-for-backward bytes per preset, against both baselines.
 
     python -m benchmarks.table                       # resnet18, batch 32, 224 px -> results/table/
+    python -m benchmarks.table model=resnet50 batch_size=8 device=meta
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 import pandas as pd
-import timm
 import torch
 from omegaconf import DictConfig
 
 import actcomp
+from actcomp.memory import build_model
 from actcomp.provenance import provenance
 
 from .common import atomic_write_csv, fail
+from .sweep import CONF_DIR, cli
 
 MIB = 2.0**20
 
@@ -27,17 +28,18 @@ def measure(cfg: DictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     for p in cfg.presets:
         actcomp.get_preset(p)
     torch.manual_seed(0)
-    with torch.device(cfg.device):
-        model = timm.create_model(cfg.model, pretrained=False)
+    name, device = cfg.model.name, cfg.device.name
+    model = build_model(name, num_classes=cfg.model.get("num_classes", 1000), device=device)
+    with torch.device(device):
         x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size)
-    prov = provenance(cfg.device)
+    prov = provenance(device)
     layers = actcomp.conv_table(model, x, blocks=tuple(cfg.blocks))
-    layers.insert(0, "model", cfg.model)
+    layers.insert(0, "model", name)
     rows = []
     for p in cfg.presets:
         actcomp.compress(model, p)
         rep = actcomp.saved_bytes(model, x)
-        rows.append(dict(model=cfg.model, preset=p, batch_size=cfg.batch_size, img_size=cfg.img_size,
+        rows.append(dict(model=name, preset=p, batch_size=cfg.batch_size, img_size=cfg.img_size,
                          saved_mib=rep.total_bytes / MIB, **{f"{k.replace(' ', '_')}_mib": v / MIB
                                                             for k, v in sorted(rep.by_kind.items())}))
     actcomp.restore(model)
@@ -52,15 +54,15 @@ def measure(cfg: DictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return layers, totals
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="table")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="table")
 def main(cfg: DictConfig) -> None:
     try:
         layers, totals = measure(cfg)
         out = Path(hydra.utils.to_absolute_path(cfg.out_dir))
-        stem = f"{cfg.model}_b{cfg.batch_size}_{cfg.img_size}px"
+        stem = f"{cfg.model.name}_b{cfg.batch_size}_{cfg.img_size}px"
         atomic_write_csv(layers, out / f"{stem}_conv_layers.csv")
         atomic_write_csv(totals, out / f"{stem}_saved_bytes.csv")
-    except (actcomp.ActcompError, OSError, RuntimeError) as e:
+    except (actcomp.ActcompError, OSError, RuntimeError, ValueError) as e:  # e.g. BatchNorm at batch 1 / tiny image
         fail(e)
     with pd.option_context("display.width", 160, "display.max_rows", 100, "display.float_format", "{:.2f}".format):
         print(layers.drop(columns=[c for c in layers if c in provenance("cpu")]).to_string(index=False))
@@ -69,4 +71,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli("table", main)
