@@ -3,7 +3,7 @@
     python -m benchmarks.fit model=efficientnet_b0 compression=pool4
     python -m benchmarks.fit -m model=resnet18,resnet50,efficientnet_b0 compression=none,authors_b1,pool2,pool4
 
-From the predicted step peak (``actcomp.memory.largest_batch``: doubling, then bisection, on meta). With
+From the predicted step peak (``actcomp.memory.largest_batches``: exact search on meta, started from a linear estimate). With
 device=cuda each answer is also checked by a real out-of-memory search with the allocator capped at the budget
 (``verify_largest_batch_cuda``); budgets above the GPU's memory are left unverified. Results:
 results/fit/<sweep>.csv, one row per model x compression with a ``max_batch_<N>gib`` column per budget.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from actcomp.memory import largest_batch, verify_largest_batch_cuda
+from actcomp.memory import largest_batches, verify_largest_batch_cuda
 
 from .sweep import CONF_DIR, BenchError, check_block, check_common, cli, compression_spec, run_point
 
@@ -39,11 +39,11 @@ def measure(cfg: DictConfig) -> dict:
         import torch
 
         total = torch.cuda.get_device_properties(torch.device(dev)).total_memory
-    for g in budgets:
+    # The prediction runs on meta for cuda too (a GPU stand-in that allocates nothing).
+    found = largest_batches(cfg.model.name, spec, [int(g * 2**30) for g in budgets], img_size=cfg.img_size,
+                            device="cpu" if dev == "cpu" else "meta", max_batch=cfg.max_batch, **kw)
+    for g, b in zip(budgets, found):
         budget = int(g * 2**30)
-        # The prediction runs on meta for cuda too (a GPU stand-in that allocates nothing).
-        b = largest_batch(cfg.model.name, spec, budget, img_size=cfg.img_size, device="cpu" if dev == "cpu" else "meta",
-                          max_batch=cfg.max_batch, **kw)
         out[f"max_batch_{_label(g)}"] = b
         if cuda and cfg.verify_cuda:
             out[f"verified_batch_{_label(g)}"] = (
