@@ -70,7 +70,7 @@ def quantize_uint8(x: torch.Tensor, stochastic: bool = False):
     lo = r.amin(dim=1, keepdim=True)
     hi = r.amax(dim=1, keepdim=True)
     scale = ((hi - lo) / 255.0).clamp_min(1e-12)
-    v = (r - lo) / scale
+    v = (r - lo).div_(scale)  # in place after the one unavoidable temporary: keeps the forward peak down
     if stochastic:
         v = (v + torch.rand_like(v)).floor_()
     else:
@@ -80,7 +80,7 @@ def quantize_uint8(x: torch.Tensor, stochastic: bool = False):
 
 
 def dequantize_uint8(q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    r = _rows(q).float() * scale + lo
+    r = _rows(q).float().mul_(scale).add_(lo)
     return r.view(q.shape).to(dtype)
 
 
