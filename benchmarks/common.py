@@ -63,22 +63,31 @@ def log_metrics(run: Any, metrics: dict, step: int | None = None) -> None:
         run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
 
-def atomic_write_csv(df, path) -> None:
-    """Write a CSV via a temporary file + os.replace, so a crash never leaves a half-written result."""
+def atomic_write(path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder + os.replace (never half a file)."""
     import tempfile
     from pathlib import Path
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            df.to_csv(f, index=False)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_csv(df, path) -> None:
+    """A DataFrame as CSV through :func:`atomic_write` (parent folders created)."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, df.to_csv(index=False))
 
 
 def fail(err: BaseException, code: int = 2) -> None:

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actcomp import ActcompError, get_preset
 
-from .common import config_hash, log_metrics, provenance, wandb_run
+from .common import atomic_write, config_hash, log_metrics, provenance, wandb_run
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Keys that do not change what is measured: left out of the point hash and of the CSV's config columns.
@@ -75,22 +75,6 @@ def is_oom(e: BaseException) -> bool:
         return True
     s = str(e).lower()
     return isinstance(e, RuntimeError) and ("out of memory" in s or "can't allocate memory" in s)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder + os.replace (never half a file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
 
 
 class _suppress:
