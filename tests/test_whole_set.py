@@ -211,3 +211,18 @@ def test_layer_scale_mul_compressed_in_convnext():
     rep = actcomp.saved_bytes(m, x)
     assert 0 < rep.by_kind["mul"] < native / 3  # the gamma multiply keeps a uint8 copy, not the fp32 tensor
     assert {r["dtype"] for r in rep.rows if r["kind"] == "mul" and len(r["shape"]) == 4} == {"torch.uint8"}
+
+
+@pytest.mark.parametrize("preset", ["pool2", "pool4_gf", "full4", "int8"])
+def test_presets_train_under_bf16_autocast(preset):
+    base = timm.create_model("test_convnext" if preset == "full4" else "test_resnet", num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for p in ("none", preset):
+        m = actcomp.compress(copy.deepcopy(base), p)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(x).float().logsumexp(1).mean()
+        loss.backward()
+        assert all(q.grad is None or q.grad.dtype == q.dtype for q in m.parameters())
+        grads.append(torch.cat([q.grad.flatten() for q in m.parameters() if q.grad is not None]))
+    assert torch.isfinite(grads[1]).all() and grads[1].shape == grads[0].shape

@@ -80,7 +80,7 @@ class PooledConv2d(torch.autograd.Function):
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         sym, extra = resolve_padding(padding, weight.shape, dilation)
         ctx.conf = (_pair(stride), sym, extra, _pair(dilation), groups, block, grad_filter)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.has_bias = bias is not None
         ctx.actcomp_name, ctx.kind = name, "conv input"
         if block == 1:
@@ -102,24 +102,27 @@ class PooledConv2d(torch.autograd.Function):
         bias_sizes = [weight.shape[0]] if ctx.has_bias else None
         dx = dw = db = None
         if grad_filter and block > 1 and need_w:
-            dw = _filtered_weight_grad(saved, weight, dy, stride, sym, extra, dilation, groups, block)
+            dw = _filtered_weight_grad(saved.to(dy.dtype), weight, dy, stride, sym, extra, dilation, groups, block)
+            dw = dw.to(weight.dtype) if dw is not None else None
         mask = (need_x, need_w and dw is None, need_b)
+        # Under autocast dy is bf16/fp16 while x and w are fp32: compute in dy's dtype, as the native conv did.
+        weight_c = weight.to(dy.dtype)
         if any(mask):
             if mask[1]:
-                x_hat = unpool_blocks(saved, block, (h, w))
+                x_hat = unpool_blocks(saved.to(dy.dtype), block, (h, w))
                 if extra != (0, 0):
                     x_hat = F.pad(x_hat, (0, extra[1], 0, extra[0]))
             else:
                 x_hat = dy.new_empty(1).expand(n, c, hp, wp)
             gx, gw, gb = torch.ops.aten.convolution_backward(
-                dy, x_hat, weight, bias_sizes, list(stride), list(sym), list(dilation), False, [0, 0], groups, mask
+                dy, x_hat, weight_c, bias_sizes, list(stride), list(sym), list(dilation), False, [0, 0], groups, mask
             )
             if mask[0]:
-                dx = gx[..., :h, :w] if extra != (0, 0) else gx
+                dx = (gx[..., :h, :w] if extra != (0, 0) else gx).to(ctx.x_dtype)
             if mask[1]:
-                dw = gw
+                dw = gw.to(weight.dtype)
             if mask[2]:
-                db = gb
+                db = gb.to(weight.dtype)
         return dx, dw, db, None, None, None, None, None, None, None, None, None
 
 

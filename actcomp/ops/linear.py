@@ -27,12 +27,12 @@ class Int8Linear(torch.autograd.Function):
         q, lo, scale, weight = ctx.saved_tensors
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = dy.matmul(weight.to(dy.dtype))
+            dx = dy.matmul(weight.to(dy.dtype)).to(ctx.dtype)
         if ctx.needs_input_grad[1]:
             x = dequantize_uint8(q, lo, scale, ctx.dtype)
-            dw = dy.reshape(-1, dy.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1])).to(weight.dtype)
+            dw = dy.reshape(-1, dy.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]).to(dy.dtype)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+            db = dy.reshape(-1, dy.shape[-1]).sum(0).to(weight.dtype)
         return dx, dw, db, None, None
 
 

@@ -33,7 +33,8 @@ class RecomputeFromInt8(torch.autograd.Function):
             ps = [p.detach().requires_grad_(r) if p is not None else None for p, r in zip(params, need[1:])]
             y = ctx.bwd(x, *ps)
             wrt = [t for t, r in zip([x, *ps], need) if r and t is not None]
-            grads = iter(torch.autograd.grad(y, wrt, dy, allow_unused=True)) if wrt else iter(())
+            # autocast is off in backward: y may be fp32 while dy is bf16/fp16 (and vice versa)
+            grads = iter(torch.autograd.grad(y, wrt, dy.to(y.dtype), allow_unused=True)) if wrt else iter(())
         out = [next(grads) if r and t is not None else None for t, r in zip([x, *ps], need)]
         return (None, None, None, None, None, *out)
 
