@@ -1,6 +1,6 @@
 """Compressed-activation autograd functions. Each module states what is exact and what is approximated."""
 from .conv import PooledConv2d, pool_blocks, pooled_nbytes, unpool_blocks
-from .linear import Int8ScaleMul, Int8Linear
+from .linear import Int8Linear, Int8ScaleMul
 from .mask import MaskedActivation, hardtanh, leaky_relu, relu
 from .pool import CompactMaxPool2d, max_pool2d
 from .quant import (
