@@ -69,6 +69,7 @@ def atomic_write(path, text: str) -> None:
     from pathlib import Path
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -84,10 +85,17 @@ def atomic_write(path, text: str) -> None:
 
 def atomic_write_csv(df, path) -> None:
     """A DataFrame as CSV through :func:`atomic_write` (parent folders created)."""
-    from pathlib import Path
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, df.to_csv(index=False))
+
+
+PROVENANCE_COLS = ("git_sha", "torch_version", "timm_version", "python_version", "device_name", "date")
+
+
+def provenance_row(device: str) -> dict:
+    """:func:`provenance` under the column names of the result CSVs (PROVENANCE_COLS)."""
+    p = provenance(device)
+    return dict(git_sha=p["git_sha"], torch_version=p["torch"], timm_version=p["timm"],
+                python_version=p["python"], device_name=p["device"], date=p["date"])
 
 
 def fail(err: BaseException, code: int = 2) -> None:

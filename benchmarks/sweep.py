@@ -37,14 +37,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from actcomp import ActcompError, get_preset
 
-from .common import atomic_write, config_hash, log_metrics, provenance, wandb_run
+from .common import PROVENANCE_COLS, atomic_write, config_hash, log_metrics, provenance_row, wandb_run
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Keys that do not change what is measured: left out of the point hash and of the CSV's config columns.
 NOT_MEASURED = ("logger", "hydra", "force", "out_dir", "hydra_dir", "sweep", "app")
 DONE = ("ok", "oom")  # statuses a re-run does not repeat
 GROUPS = ("model", "compression", "device", "logger", "experiment", "hydra/launcher")
-PROVENANCE_COLS = ("git_sha", "torch_version", "timm_version", "python_version", "device_name", "date")
 # Hydra warns that our conf/hydra/launcher/*.yaml share their names with the plugins' schemas; that match is
 # what we want (it type-checks our files), so the deprecation notice is only noise on every run.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
@@ -215,9 +214,7 @@ def read_record(path: Path) -> dict | None:
 
 
 def _prov(device: str) -> dict:
-    p = provenance(device if not device.startswith("cuda") or _cuda_ok() else "cpu")
-    return dict(git_sha=p["git_sha"], torch_version=p["torch"], timm_version=p["timm"],
-                python_version=p["python"], device_name=p["device"], date=p["date"])
+    return provenance_row(device if not device.startswith("cuda") or _cuda_ok() else "cpu")
 
 
 def _cuda_ok() -> bool:

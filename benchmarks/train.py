@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -33,26 +32,11 @@ from actcomp import ActcompError
 from actcomp.data import build_data
 from actcomp.training import EPOCH_COLUMNS, TrainConfig, overhead_table, train
 
-from .common import config_hash, log_metrics, provenance, wandb_run
+from .common import PROVENANCE_COLS, atomic_write, config_hash, log_metrics, provenance_row, wandb_run
 
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
 
-PROVENANCE_COLS = ("git_sha", "torch_version", "timm_version", "python_version", "device_name", "date")
 RUN_COLS = ("preset", "model", "model_kwargs", "data", "seed", "batch_size", "image_size", "n_train", "n_val", "optim", "run_id")
-
-
-def _prov(device: str) -> dict:
-    p = provenance(device)
-    return dict(git_sha=p["git_sha"], torch_version=p["torch"], timm_version=p["timm"],
-                python_version=p["python"], device_name=p["device"], date=p["date"])
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
@@ -60,7 +44,7 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
     df = pd.DataFrame(rows)
     cols = [c for c in columns if c in df.columns] + [c for c in df.columns if c not in columns]
-    _atomic_write(path, df[cols].to_csv(index=False) if len(df) else ",".join(columns) + "\n")
+    atomic_write(path, df[cols].to_csv(index=False) if len(df) else ",".join(columns) + "\n")
 
 
 def _container(x):
@@ -143,7 +127,7 @@ def run(cfg: DictConfig) -> dict:
         import torch
 
         torch.set_num_threads(int(cfg.threads))
-    prov = _prov(tc.device if tc.device != "auto" else ("cuda" if _cuda() else "cpu"))
+    prov = provenance_row(tc.device if tc.device != "auto" else ("cuda" if _cuda() else "cpu"))
 
     with (wandb_run(cfg, "train", name=f"{tc.model}-{static['preset']}-s{tc.seed}") if rank == 0
           else _null()) as wb:
@@ -170,7 +154,7 @@ def run(cfg: DictConfig) -> dict:
             _write_csv(out / "grad_cosine.csv", cos_rows, [*RUN_COLS, "epoch", "layer", "cosine"])
         summary = {**static, **res.summary, "status": "ok" if res.finished else "stopped", **prov,
                    "data_info": data.info, "config": _container(cfg)}
-        _atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str, allow_nan=True))
+        atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str, allow_nan=True))
         if wb is not None:
             wb.summary.update({k: v for k, v in res.summary.items() if isinstance(v, (int, float, str))})
     return summary
@@ -218,7 +202,7 @@ def collect(run_dirs, out: str | os.PathLike, baseline: str = "none", targets=()
     epochs = pd.concat(hists, ignore_index=True)
     epochs["cpu_elapsed_s"] = epochs.sort_values("epoch").groupby("run_id")["cpu_time_s"].cumsum()
     out = Path(out)
-    _atomic_write(out / "epochs.csv", epochs.to_csv(index=False))
+    atomic_write(out / "epochs.csv", epochs.to_csv(index=False))
     rows = []
     for (model, seed), g in epochs.groupby(["model", "seed"], sort=False):
         hist = {p: h.sort_values("epoch") for p, h in g.groupby("preset", sort=False)}
@@ -236,10 +220,10 @@ def collect(run_dirs, out: str | os.PathLike, baseline: str = "none", targets=()
                              saved_mib=float(h["saved_mib"].iloc[-1]),
                              **{k: h[k].iloc[-1] for k in PROVENANCE_COLS if k in h}))
     summary = pd.DataFrame(rows)
-    _atomic_write(out / "summary.csv", summary.to_csv(index=False))
+    atomic_write(out / "summary.csv", summary.to_csv(index=False))
     cos = [pd.read_csv(d / "grad_cosine.csv") for d in run_dirs if (d / "grad_cosine.csv").is_file()]
     if cos:
-        _atomic_write(out / "grad_cosine.csv", pd.concat(cos, ignore_index=True).to_csv(index=False))
+        atomic_write(out / "grad_cosine.csv", pd.concat(cos, ignore_index=True).to_csv(index=False))
     return dict(epochs=epochs, summary=summary)
 
 
