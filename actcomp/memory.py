@@ -155,16 +155,14 @@ def _copy_to(model: nn.Module, device: torch.device, empty: bool, dtype: torch.d
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
 
 
-def _sig(a):
-    """Hashable metadata of an op argument (None: not cacheable)."""
+def _meta_sig(a, tensor_sig):
+    """Hashable metadata of an op argument, tensors described by ``tensor_sig`` (None: not cacheable)."""
     if isinstance(a, torch.Tensor):
-        if a.device.type != "meta":
-            return None
-        return ("T", tuple(a.shape), a.stride(), a.dtype, a.storage_offset())
+        return tensor_sig(a) if a.device.type == "meta" else None
     if isinstance(a, (tuple, list)):
         out = []
         for e in a:
-            s = _sig(e)
+            s = _meta_sig(e, tensor_sig)
             if s is None and e is not None:
                 return None
             out.append(s)
@@ -172,6 +170,15 @@ def _sig(a):
     if isinstance(a, _SCALARS):
         return (type(a), a)
     return None
+
+
+def _tensor_sig(a: torch.Tensor):
+    return ("T", tuple(a.shape), a.stride(), a.dtype, a.storage_offset())
+
+
+def _sig(a):
+    """Hashable metadata of an op argument (None: not cacheable)."""
+    return _meta_sig(a, _tensor_sig)
 
 
 def _fresh_nbytes(shape, stride, itemsize) -> int:
@@ -246,29 +253,19 @@ def _dense(shape, stride) -> bool:
     return True
 
 
+def _tensor_asig(a: torch.Tensor):
+    if a.dim() < 2:
+        return _tensor_sig(a)
+    st, sh = a.stride(), a.shape
+    order = sorted(set(st))
+    return ("A", a.dtype, tuple(order.index(x) for x in st), tuple(n == 1 for n in sh),
+            a.storage_offset() == 0 and _dense(sh, st))
+
+
 def _asig(a):
     """Like ``_sig`` but size-free for tensors of 2+ dims: dtype, order of the strides, which dims have size 1,
     and whether the tensor is dense from offset 0 (what decides a pointwise output's dtype and layout)."""
-    if isinstance(a, torch.Tensor):
-        if a.device.type != "meta":
-            return None
-        if a.dim() < 2:
-            return _sig(a)
-        st, sh = a.stride(), a.shape
-        order = sorted(set(st))
-        return ("A", a.dtype, tuple(order.index(x) for x in st), tuple(n == 1 for n in sh),
-                a.storage_offset() == 0 and _dense(sh, st))
-    if isinstance(a, (tuple, list)):
-        out = []
-        for e in a:
-            s = _asig(e)
-            if s is None and e is not None:
-                return None
-            out.append(s)
-        return ("L", tuple(out))
-    if isinstance(a, _SCALARS):
-        return (type(a), a)
-    return None
+    return _meta_sig(a, _tensor_asig)
 
 
 def _base_shape(args) -> tuple | None:
@@ -824,6 +821,19 @@ def _cuda_step(model, preset, dev, batch_size, kw) -> StepMemory:
 
 # ------------------------------------------------------------------------------------------ fitting
 
+def _fit_prepared(fn: str, model, preset, budgets, img_size, device, max_batch, kw):
+    """Checks shared by the batch searches, then the model built and converted once for all the predictions."""
+    for b in budgets:
+        _check_int(b, "budget_bytes")
+    _check_int(max_batch, "max_batch")
+    dev = _parse_device(device)
+    if dev.type == "cuda":
+        raise ActcompError(f"{fn} predicts on meta/cpu; on a GPU use verify_largest_batch_cuda()")
+    if isinstance(model, str):
+        _check_model_name(model)
+    return _prepared(model, preset, dev, dict(img_size=img_size, **_step_kw(kw)))
+
+
 def largest_batch(model: str | nn.Module, preset, budget_bytes: int, img_size: int = 224, device="meta",
                   max_batch: int = 1 << 16, **kw) -> int:
     """Largest batch whose predicted step peak is <= ``budget_bytes`` (doubling, then bisection); 0 if none fits.
@@ -831,13 +841,7 @@ def largest_batch(model: str | nn.Module, preset, budget_bytes: int, img_size: i
     The model is built and converted once and reused for every batch size tried. ``device`` is "meta"
     (default) or "cpu"; on a GPU use :func:`verify_largest_batch_cuda` for a real OOM search.
     """
-    _check_int(budget_bytes, "budget_bytes")
-    _check_int(max_batch, "max_batch")
-    if _parse_device(device).type == "cuda":
-        raise ActcompError("largest_batch predicts on meta/cpu; on a GPU use verify_largest_batch_cuda()")
-    if isinstance(model, str):
-        _check_model_name(model)
-    prep = _prepared(model, preset, _parse_device(device), dict(img_size=img_size, **_step_kw(kw)))
+    prep = _fit_prepared("largest_batch", model, preset, [budget_bytes], img_size, device, max_batch, kw)
 
     def fits(b: int) -> bool:
         return _measure(prep, b).peak_bytes <= budget_bytes
@@ -853,14 +857,7 @@ def largest_batches(model: str | nn.Module, preset, budgets_bytes: list[int], im
     linearly with the batch) and gallops outward from it, so a budget costs a handful of predictions instead of
     ~2·log2(batch). The answer is still the exact search result on the predicted peaks, not the estimate.
     """
-    for b in budgets_bytes:
-        _check_int(b, "budget_bytes")
-    _check_int(max_batch, "max_batch")
-    if _parse_device(device).type == "cuda":
-        raise ActcompError("largest_batches predicts on meta/cpu; on a GPU use verify_largest_batch_cuda()")
-    if isinstance(model, str):
-        _check_model_name(model)
-    prep = _prepared(model, preset, _parse_device(device), dict(img_size=img_size, **_step_kw(kw)))
+    prep = _fit_prepared("largest_batches", model, preset, budgets_bytes, img_size, device, max_batch, kw)
     cache: dict[int, int] = {}
 
     def peak(b: int) -> int:

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cli import flag, parse_kv
+
 REPO = Path(__file__).resolve().parent.parent
 MIB, GIB = 2.0**20, 2.0**30
 
@@ -821,31 +823,24 @@ def md_train_summary(df: pd.DataFrame, rel: str) -> str:
     return "\n".join(lines)
 
 
+def _preset_by_model(df: pd.DataFrame, header: Callable[[str], str], cell: Callable[[pd.DataFrame], str]) -> str:
+    """A markdown table: one row per preset, one column per model, ``cell`` of that (model, preset) slice."""
+    models = list(dict.fromkeys(df["model"]))
+    lines = ["| preset | " + " | ".join(header(m) for m in models) + " |", "|---|" + "---|" * len(models)]
+    for p in sort_presets(df["preset"]):
+        cells = [df[(df.model == m) & (df.preset == p)] for m in models]
+        lines.append(f"| {p} | " + " | ".join("—" if s.empty else cell(s) for s in cells) + " |")
+    return "\n".join(lines)
+
+
 def md_peak(df: pd.DataFrame, rel: str) -> str:
     df = df[df.get("status", "ok") == "ok"] if "status" in df else df
-    models = list(dict.fromkeys(df["model"]))
-    lines = ["| preset | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-    for p in sort_presets(df["preset"]):
-        cells = []
-        for m in models:
-            s = df[(df.model == m) & (df.preset == p)]
-            cells.append("—" if s.empty else f"{s['peak_gib'].iloc[0]:.2f} GiB ({s['ratio_to_none'].iloc[0]:.2f}×)")
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _preset_by_model(df, str, lambda s: f"{s['peak_gib'].iloc[0]:.2f} GiB ({s['ratio_to_none'].iloc[0]:.2f}×)")
 
 
 def md_speed(df: pd.DataFrame, rel: str) -> str:
-    df = sweep_frame(df)
-    models = list(dict.fromkeys(df["model"]))
-    lines = ["| preset | " + " | ".join(f"{m} step time vs native" for m in models) + " |",
-             "|---|" + "---|" * len(models)]
-    for p in sort_presets(df["preset"]):
-        cells = []
-        for m in models:
-            s = df[(df.model == m) & (df.preset == p)]
-            cells.append("—" if s.empty else f"{s['ratio_to_none'].iloc[-1]:.2f}×")
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _preset_by_model(sweep_frame(df), lambda m: f"{m} step time vs native",
+                            lambda s: f"{s['ratio_to_none'].iloc[-1]:.2f}×")
 
 
 README_RENDERERS: list[tuple[str, Callable[[pd.DataFrame, str], str]]] = [
@@ -899,21 +894,8 @@ def update_readme(readme: Path, root: Path, warn: Callable[[str], None]) -> int:
 # ------------------------------------------------------------------------------------------ CLI
 
 def parse_args(argv: list[str]) -> dict:
-    opts = dict(results="results", out=None, readme="auto", strict="false", only="")
-    for a in argv:
-        if a in ("-h", "--help"):
-            print(__doc__)
-            raise SystemExit(0)
-        if "=" not in a:
-            raise ValueError(f"argument {a!r}: use key=value ({', '.join(opts)})")
-        k, v = a.split("=", 1)
-        k = k.lstrip("+")
-        if k not in opts:
-            raise ValueError(f"unknown option {k!r}; known: {', '.join(opts)}")
-        opts[k] = v
-    if opts["strict"].lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError(f"strict={opts['strict']!r}: use true or false")
-    opts["strict"] = opts["strict"].lower() in ("true", "1", "yes")
+    opts = parse_kv(argv, dict(results="results", out=None, readme="auto", strict="false", only=""), __doc__)
+    opts["strict"] = flag(opts, "strict")
     try:
         opts["only"] = {int(x) for x in opts["only"].split(",") if x.strip()}
     except ValueError:

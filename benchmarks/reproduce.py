@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cli import flag, parse_kv
+
 REPO = Path(__file__).resolve().parent.parent
 PRELOAD = ("torch", "timm", "hydra", "omegaconf", "pandas", "matplotlib")
 
@@ -259,28 +261,11 @@ class Heartbeat:
 
 
 def parse(argv: list[str]) -> dict:
-    o = dict(quick="false", out="", force="false", stages="", paper="auto", logger="", dry_run="false",
-             fork="true", heartbeat="60")
-    o["data.root"] = ""
-    for a in argv:
-        if a in ("-h", "--help"):
-            print(__doc__)
-            raise SystemExit(0)
-        if "=" not in a:
-            raise ValueError(f"argument {a!r}: use key=value ({', '.join(o)})")
-        k, v = a.split("=", 1)
-        if k not in o:
-            raise ValueError(f"unknown option {k!r}; known: {', '.join(o)}")
-        o[k] = v
+    o = parse_kv(argv, dict(quick="false", out="", force="false", stages="", paper="auto", logger="",
+                            dry_run="false", fork="true", heartbeat="60", **{"data.root": ""}), __doc__)
 
-    def flag(k: str) -> bool:
-        v = o[k].strip().lower()
-        if v not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{k}={o[k]!r}: use true or false")
-        return v in ("true", "1", "yes")
-
-    res = dict(quick=flag("quick"), force=flag("force"), dry_run=flag("dry_run"), fork=flag("fork") and hasattr(
-        os, "fork"))
+    res = dict(quick=flag(o, "quick"), force=flag(o, "force"), dry_run=flag(o, "dry_run"),
+               fork=flag(o, "fork") and hasattr(os, "fork"))
     res["out"] = Path(o["out"] or ("results-quick" if res["quick"] else "results")).expanduser()
     if not res["out"].is_absolute():
         res["out"] = Path.cwd() / res["out"]

@@ -33,6 +33,7 @@ from actcomp.data import build_data
 from actcomp.training import EPOCH_COLUMNS, TrainConfig, overhead_table, train
 
 from .common import PROVENANCE_COLS, atomic_write, config_hash, log_metrics, provenance_row, wandb_run
+from .sweep import BenchError, compression_spec
 
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
 
@@ -49,15 +50,6 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 def _container(x):
     return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) or OmegaConf.is_list(x) else x
-
-
-def compression_spec(comp) -> str | dict:
-    """``compression: {name: pool2}`` -> "pool2"; extra keys (``+compression.block=3``) override the preset."""
-    d = dict(_container(comp))
-    name = d.pop("name", None)
-    if not name:
-        raise ActcompError("compression.name is missing (pick one with compression=<preset>)")
-    return {"preset": name, **d} if d else name
 
 
 def train_config(cfg: DictConfig, ckpt: Path | None) -> TrainConfig:
@@ -178,7 +170,7 @@ class _null:
 def main(cfg: DictConfig) -> dict:
     try:
         return run(cfg)
-    except (ActcompError, FileNotFoundError, PermissionError) as e:
+    except (ActcompError, BenchError, FileNotFoundError, PermissionError) as e:
         # SystemExit passes through Hydra (it only catches Exception): one line and status 2.
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(2)
