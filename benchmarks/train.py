@@ -142,8 +142,8 @@ def run(cfg: DictConfig) -> dict:
         rows = sorted(old + rows, key=lambda r: r["epoch"])
         _write_csv(out / "history.csv", rows, [*RUN_COLS, *EPOCH_COLUMNS, *PROVENANCE_COLS])
         if res.cosines:
-            cos_rows = [{**static, **c} for c in res.cosines]
-            _write_csv(out / "grad_cosine.csv", cos_rows, [*RUN_COLS, "epoch", "layer", "cosine"])
+            cos_rows = [{**static, **c, **prov} for c in res.cosines]
+            _write_csv(out / "grad_cosine.csv", cos_rows, [*RUN_COLS, "epoch", "layer", "cosine", *PROVENANCE_COLS])
         summary = {**static, **res.summary, "status": "ok" if res.finished else "stopped", **prov,
                    "data_info": data.info, "config": _container(cfg)}
         atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str, allow_nan=True))
@@ -213,10 +213,25 @@ def collect(run_dirs, out: str | os.PathLike, baseline: str = "none", targets=()
                              **{k: h[k].iloc[-1] for k in PROVENANCE_COLS if k in h}))
     summary = pd.DataFrame(rows)
     atomic_write(out / "summary.csv", summary.to_csv(index=False))
-    cos = [pd.read_csv(d / "grad_cosine.csv") for d in run_dirs if (d / "grad_cosine.csv").is_file()]
+    cos = [_with_provenance(pd.read_csv(d / "grad_cosine.csv"), d) for d in run_dirs
+           if (d / "grad_cosine.csv").is_file()]
     if cos:
         atomic_write(out / "grad_cosine.csv", pd.concat(cos, ignore_index=True).to_csv(index=False))
     return dict(epochs=epochs, summary=summary)
+
+
+def _with_provenance(cos, run_dir: Path):
+    """A run's cosine rows with its provenance; runs written before the cosine file carried it take it from the
+    same run's history.csv (written by the same process)."""
+    import pandas as pd
+
+    missing = [k for k in PROVENANCE_COLS if k not in cos]
+    if missing and (run_dir / "history.csv").is_file():
+        h = pd.read_csv(run_dir / "history.csv")
+        for k in missing:
+            if k in h and len(h):
+                cos[k] = h[k].iloc[-1]
+    return cos
 
 
 def find_runs(sweep_dir: str | os.PathLike) -> list[Path]:

@@ -64,7 +64,8 @@ def test_app_one_epoch_writes_history_and_summary(tmp_path):
     assert s["status"] == "ok" and s["epochs_done"] == 1 and s["n_val"] == 32
     assert "tta_85_epoch" in s
     cos = pd.read_csv(tmp_path / "grad_cosine.csv")
-    assert {"epoch", "layer", "cosine"} <= set(cos.columns) and len(cos) > 5
+    assert {"epoch", "layer", "cosine", "git_sha", "device_name", "date"} <= set(cos.columns) and len(cos) > 5
+    assert cos["git_sha"].notna().all()
     assert (tmp_path / "checkpoint.pt").is_file()
 
 
@@ -196,3 +197,14 @@ def test_epoch_sampler_covers_each_pass_once():
         h.set_epoch(1)
         halves += list(h)
     assert sorted(halves) == sorted(epochs[1])
+
+
+def test_collect_gives_cosine_rows_their_runs_provenance(tmp_path):
+    """Cosine files written without provenance take it from the same run's history (collect)."""
+    from benchmarks.train import _with_provenance
+
+    (tmp_path / "history.csv").write_text("epoch,val_top1,git_sha,device_name,date\n1,50,abc123,cpu,2026-01-01\n")
+    cos = _with_provenance(pd.DataFrame({"epoch": [1, 1], "layer": ["a", "b"], "cosine": [0.9, 0.8]}), tmp_path)
+    assert list(cos["git_sha"]) == ["abc123", "abc123"] and list(cos["date"]) == ["2026-01-01"] * 2
+    kept = _with_provenance(pd.DataFrame({"epoch": [1], "git_sha": ["own"]}), tmp_path)
+    assert list(kept["git_sha"]) == ["own"]
