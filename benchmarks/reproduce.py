@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if o["fork"]:
             _preload()
-    t_all = time.perf_counter()
+    t_all, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report = []
     for k, st in enumerate(stages, 1):
         tag = f"[{k}/{len(stages)}] {st.name}"
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, status, dt, why in report:
         print(f"  {name:<{w}}  {status:<8} {_fmt(dt):>8}  {why}")
     if not o["dry_run"]:
-        _log_stage_times(o["out"], scale, report, total)
+        _log_stage_times(o["out"], scale, started, report, total)
     failed = [r[0] for r in report if r[1] == "FAILED"]
     if failed:
         print(f"reproduce: {len(failed)} stage(s) failed: {', '.join(failed)} (rerun: finished work is skipped)",
@@ -367,18 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _log_stage_times(out: Path, scale: str, report: list, total: float) -> None:
+def _log_stage_times(out: Path, scale: str, started: str, report: list, total: float) -> None:
     """Append this run's stage times to ``<out>/logs/reproduce_stages.csv`` (one row per stage + a total row,
     with provenance), so the time a README states is a committed measurement. Earlier runs' rows are kept."""
-    import datetime as dt_
-
     import pandas as pd
 
     from .common import atomic_write_csv, provenance_row
 
     path = out / "logs" / "reproduce_stages.csv"
     prov = provenance_row("cpu")
-    started = (dt_.datetime.now(dt_.timezone.utc) - dt_.timedelta(seconds=total)).strftime("%Y-%m-%dT%H:%M:%SZ")
     rows = [dict(run_started=started, scale=scale, stage=n, status=st, seconds=round(dt, 1), note=why, **prov)
             for n, st, dt, why in report]
     rows.append(dict(run_started=started, scale=scale, stage="TOTAL", status="", seconds=round(total, 1),
@@ -387,7 +384,7 @@ def _log_stage_times(out: Path, scale: str, report: list, total: float) -> None:
         old = pd.read_csv(path) if path.is_file() else None
         df = pd.DataFrame(rows) if old is None else pd.concat([old, pd.DataFrame(rows)], ignore_index=True)
         atomic_write_csv(df, path)
-    except (OSError, ValueError, pd.errors.ParserError) as e:
+    except (OSError, ValueError) as e:  # a damaged log is left as it is, never overwritten
         print(f"reproduce: could not write {_rel(path)} ({e})", file=sys.stderr)
 
 
