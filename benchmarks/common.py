@@ -131,11 +131,19 @@ except ImportError:  # pragma: no cover
     _Callback = object
 
 
+SWEPT_ENV = "ACTCOMP_SWEPT_KEYS"  # the keys a sweep varies, for its points' run names (set by WandbProbe)
+
+
 class WandbProbe(_Callback):
     """Hydra callback: with ``logger=online``, probe the W&B server once before a sweep's points start, so that
-    every point (also in joblib/submitit workers) inherits the answer instead of waiting on its own."""
+    every point (also in joblib/submitit workers) inherits the answer instead of waiting on its own. Also
+    records which keys the sweep varies (a job only sees its own values), for readable run names."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from .sweep import swept_keys
+
+        if config.get("hydra") is not None:
+            os.environ[SWEPT_ENV] = ",".join(swept_keys(config))
         if config.get("logger") is not None:
             wandb_mode(config.logger)
 

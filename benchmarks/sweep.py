@@ -291,11 +291,20 @@ def _log_wandb(cfg: DictConfig, record: dict) -> None:
     try:
         with wandb_run(c, job_type=record["app"], name=f"{record['app']}-{record['sweep']}-{record['point']}") as run:
             if run is not None:
-                log_metrics(run, record["metrics"])
+                log_metrics(run, wandb_metrics(str(cfg.device.name), record["metrics"]))
                 run.summary.update(dict(status=record["status"], message=record["message"], point=record["point"],
                                         elapsed_s=record["elapsed_s"], **record["provenance"]))
     except Exception as e:  # noqa: BLE001
         print(f"{record['app']}: W&B logging skipped: {one_line(e)}", file=sys.stderr)
+
+
+def wandb_metrics(device: str, metrics: dict) -> dict:
+    """Metrics under their W&B names: on device=meta every byte count is a prediction, and the key says so
+    (``peak_bytes`` -> ``predicted_peak_bytes``); the CSV keeps its columns (its ``method`` column says it)."""
+    if device != "meta":
+        return dict(metrics)
+    return {(f"predicted_{k}" if k.endswith("_bytes") and not k.startswith("predicted_") else k): v
+            for k, v in metrics.items() if not (k.startswith("predicted_") and v is None)}
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -480,8 +489,10 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def preflight(argv: list[str]) -> str | None:
-    """Check config-group choices on the command line (Hydra would print a multi-line error). None if fine."""
+def preflight(argv: list[str], groups: tuple[str, ...] = GROUPS) -> str | None:
+    """Check config-group choices on the command line (Hydra would print a multi-line error). None if fine.
+
+    ``groups``: the config groups of the app (conf/<group>/*.yaml are the choices)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -494,7 +505,7 @@ def preflight(argv: list[str]) -> str | None:
         except HydraException as e:
             return f"cannot parse override {arg!r}: {one_line(e)}"
         key = o.key_or_group
-        if key not in GROUPS or o.is_delete():
+        if key not in groups or o.is_delete():
             continue
         vals = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         opts = group_options(key) + (["basic", "joblib", "submitit_local", "submitit_slurm"]

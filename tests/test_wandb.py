@@ -81,3 +81,13 @@ def test_online_without_server_probes_once_then_offline(monkeypatch, capsys):
     assert len(tries) == 2 and os.environ[common.PROBE_ENV] == "offline"
     monkeypatch.setenv(common.PROBE_ENV, "ok")
     assert common.wandb_mode({"mode": "online"}) == "online" and len(tries) == 2
+
+
+def test_predicted_peaks_say_so_in_their_wandb_keys():
+    from benchmarks.sweep import wandb_metrics
+
+    m = dict(peak_bytes=10, predicted_peak_bytes=None, peak_activation_bytes=4, method="memtracker-meta")
+    assert wandb_metrics("meta", m) == dict(predicted_peak_bytes=10, predicted_peak_activation_bytes=4,
+                                            method="memtracker-meta")
+    cpu = dict(peak_bytes=10, predicted_peak_bytes=9)
+    assert wandb_metrics("cpu", cpu) == cpu
