@@ -5,7 +5,7 @@ STAMP := .venv/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test lint reproduce figures data clean-results
+.PHONY: install test lint reproduce figures data clean-results gpu-check
 
 install: $(STAMP)
 
@@ -35,3 +35,7 @@ reproduce: install data
 
 figures: install
 	$(PY) -m benchmarks.figures
+
+# On a CUDA machine: measured GPU memory, step-time ratios (eager and compiled), one largest-batch check per model.
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check $(ARGS)

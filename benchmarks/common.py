@@ -8,15 +8,18 @@ import contextlib
 import hashlib
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 from actcomp.provenance import provenance  # noqa: F401  (re-exported for the apps)
 
 
 def config_hash(cfg: DictConfig | dict, drop: tuple[str, ...] = ("logger", "hydra", "force", "out_dir")) -> str:
     """Stable short hash of the resolved config, ignoring keys that do not change the measurement."""
+    from omegaconf import DictConfig, OmegaConf  # imported here: gpu_check runs where no omegaconf is installed
+
     d = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     d = {k: v for k, v in d.items() if k not in drop}
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -84,6 +87,8 @@ def wandb_run(cfg: DictConfig, job_type: str, name: str | None = None, group: st
     ``wandb sync``; an offline run never touches the network. ``online`` is used only when a user asks for it
     and the server answers (:func:`wandb_mode`). ``group``: used when ``logger.group`` is null.
     """
+    from omegaconf import OmegaConf
+
     lg = cfg.get("logger") or {}
     mode = wandb_mode(lg)
     if mode == "disabled":
