@@ -288,11 +288,11 @@ def fig2_by_kind(R: Results, plt):
     h, lab = axes.flat[0].get_legend_handles_labels()
     height = 3.3 * nrow + 0.6
     fig.legend(h, lab, loc="lower center", bbox_to_anchor=(0.5, 0.35 / height), ncol=len(lab), frameon=False)
-    fig.suptitle(f"Where the saved-for-backward bytes go, by op kind (batch {batch}, {img} px, fp32; "
-                 f"bar labels: % of native `none`)", fontsize=11)
     src = ", ".join(sorted(set(df["_source"])))
-    how = "predicted on meta" if (df.get("saved_device", pd.Series(["meta"])).astype(str) == "meta").all() \
-        else "measured/predicted (see saved_device)"
+    predicted = (df.get("saved_device", pd.Series(["meta"])).astype(str) == "meta").all()
+    how = "predicted on meta" if predicted else "measured/predicted (see saved_device)"
+    fig.suptitle(f"Where the saved-for-backward bytes go, by op kind — {'predicted (meta device)' if predicted else how}"
+                 f" (batch {batch}, {img} px, fp32; bar labels: % of native `none`)", fontsize=11)
     _footer(fig, f"{how}; {src}; {provenance_note(df)}")
     fig.tight_layout(rect=(0, 0.75 / height, 1, 1 - 0.15 / height))
     return fig
@@ -851,9 +851,9 @@ def _rel_err(r) -> str:
     if bool(r["bitwise"]):
         return "bitwise"
     v = float(r["rel_l2"])
-    if v < 1e-5:
-        return f"{v:.0e} (rounding)"
     pct = v * 100
+    if v < 1e-5:
+        return f"{pct:.0e}% (rounding)"
     return f"{pct:.0f}%" if pct >= 10 else f"{pct:#.2g}%"
 
 
