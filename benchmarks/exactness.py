@@ -8,8 +8,8 @@ One row per (op, preset, input, output): ``output`` is ``forward``, ``input`` (t
 a parameter name (its gradient). Columns: ``bitwise`` (torch.equal with native), ``rel_l2`` (||g - g_native|| /
 ||g_native||), ``cosine``, ``max_abs_err``, ``exact_by_design`` (what the op's docstring claims) + provenance.
 Conv ops run under the conv presets; every other op under the whole-set settings of ``full2``/``full4`` (the same
-for every non-conv op) and under the ``int8`` peer. Inputs: ``noise`` is i.i.d. N(0, 1) for convs (the worst case
-for pooling: no spatial correlation) and N(1, 3²) for the others; ``block_constant`` is constant over aligned 4×4
+for every non-conv op) and under the ``int8`` peer. Inputs: ``noise`` is i.i.d. N(0, 1) for convs (a hard case for
+pooling: no spatial correlation) and N(1, 3²) for the others; ``block_constant`` is constant over aligned 4×4
 blocks (where avg-pooling loses nothing); ``fashion_mnist`` is 16 real test images at 32 px. One torch thread, so
 the numbers repeat run to run.
 """
