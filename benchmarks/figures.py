@@ -675,7 +675,8 @@ def fig8_speed(R: Results, plt):
         bars = ax.bar(xs, g["ratio_to_none"], w, color=cmap(j % 10), label=s)
         for b, v in zip(bars, g["ratio_to_none"]):
             if np.isfinite(v):
-                ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom",
+                # Two digits: one median of a few steps per bar does not support a third.
+                ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom",
                         fontsize=7 if len(ser) > 2 else 8)
         for x, p, v in zip(xs, presets, g["ratio_to_none"]):
             if p == "authors_b1" and np.isfinite(v):  # the authors' baseline: hatched, as elsewhere
@@ -686,7 +687,10 @@ def fig8_speed(R: Results, plt):
         if t.get_text() == "authors_b1":
             t.set_fontweight("bold")
     ax.set_ylabel("training-step time / native step time")
-    ax.set_title("Step-time overhead vs native PyTorch (measured, median of interleaved steps, same process)",
+    iters = sorted({int(i) for i in df["iters"].dropna()}) if "iters" in df else []
+    per_bar = f"one median of {'/'.join(map(str, iters))} interleaved steps per bar" if iters else \
+        "median of interleaved steps"
+    ax.set_title(f"Step-time overhead vs native PyTorch (measured, {per_bar}, same process)",
                  pad=8 + 14 * ((len(ser) + 2) // 3))
     ax.set_ylim(0, np.nanmax(df["ratio_to_none"].to_numpy(float)) * 1.1)
     # Legend above the bars (a corner would hide the labels of the first group).
