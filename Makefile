@@ -9,10 +9,12 @@ export PYTHONHASHSEED := 0
 
 install: $(STAMP)
 
+# pip -qq: errors only. With -q pip prints a warning per index location that lacks a package (dozens on machines
+# with extra local indexes) and the build backend's notes; an install error still prints in full.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
 # Real offline data (Fashion-MNIST, Debian package); harmless when already there or when apt is unavailable.

@@ -197,7 +197,7 @@ def cifar100(root=None, **kw) -> DataBundle:
 
 def imagenet_transforms(image_size: int = 224, test_resize: int = 248, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
                         re_prob: float = 0.25, re_mode: str = "pixel", interpolation: str = "bicubic"):
-    """The authors' recipe (STUDY.md) through timm's ``create_transform``.
+    """The authors' recipe (arXiv 2409.11902) through timm's ``create_transform``.
 
     Train: RandomResizedCrop(image_size, bicubic), horizontal flip, RandAugment ``rand-m9-mstd0.5-inc1``,
     RandomErasing(p=0.25; ``re_mode="pixel"`` as timm's train.py defaults). Test: resize ``test_resize`` bicubic,

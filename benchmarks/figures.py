@@ -288,11 +288,11 @@ def fig2_by_kind(R: Results, plt):
     h, lab = axes.flat[0].get_legend_handles_labels()
     height = 3.3 * nrow + 0.6
     fig.legend(h, lab, loc="lower center", bbox_to_anchor=(0.5, 0.35 / height), ncol=len(lab), frameon=False)
-    fig.suptitle(f"Where the saved-for-backward bytes go, by op kind (batch {batch}, {img} px, fp32; "
-                 f"bar labels: % of native `none`)", fontsize=11)
     src = ", ".join(sorted(set(df["_source"])))
-    how = "predicted on meta" if (df.get("saved_device", pd.Series(["meta"])).astype(str) == "meta").all() \
-        else "measured/predicted (see saved_device)"
+    predicted = (df.get("saved_device", pd.Series(["meta"])).astype(str) == "meta").all()
+    how = "predicted on meta" if predicted else "measured/predicted (see saved_device)"
+    fig.suptitle(f"Where the saved-for-backward bytes go, by op kind — {'predicted (meta device)' if predicted else how}"
+                 f" (batch {batch}, {img} px, fp32; bar labels: % of native `none`)", fontsize=11)
     _footer(fig, f"{how}; {src}; {provenance_note(df)}")
     fig.tight_layout(rect=(0, 0.75 / height, 1, 1 - 0.15 / height))
     return fig
@@ -675,7 +675,8 @@ def fig8_speed(R: Results, plt):
         bars = ax.bar(xs, g["ratio_to_none"], w, color=cmap(j % 10), label=s)
         for b, v in zip(bars, g["ratio_to_none"]):
             if np.isfinite(v):
-                ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom",
+                # Two digits: one median of a few steps per bar does not support a third.
+                ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom",
                         fontsize=7 if len(ser) > 2 else 8)
         for x, p, v in zip(xs, presets, g["ratio_to_none"]):
             if p == "authors_b1" and np.isfinite(v):  # the authors' baseline: hatched, as elsewhere
@@ -686,7 +687,10 @@ def fig8_speed(R: Results, plt):
         if t.get_text() == "authors_b1":
             t.set_fontweight("bold")
     ax.set_ylabel("training-step time / native step time")
-    ax.set_title("Step-time overhead vs native PyTorch (measured, median of interleaved steps, same process)",
+    iters = sorted({int(i) for i in df["iters"].dropna()}) if "iters" in df else []
+    per_bar = f"one median of {'/'.join(map(str, iters))} interleaved steps per bar" if iters else \
+        "median of interleaved steps"
+    ax.set_title(f"Step-time overhead vs native PyTorch (measured, {per_bar}, same process)",
                  pad=8 + 14 * ((len(ser) + 2) // 3))
     ax.set_ylim(0, np.nanmax(df["ratio_to_none"].to_numpy(float)) * 1.1)
     # Legend above the bars (a corner would hide the labels of the first group).
@@ -846,6 +850,65 @@ def md_speed(df: pd.DataFrame, rel: str) -> str:
                             lambda s: f"{s['ratio_to_none'].iloc[-1]:.2f}×")
 
 
+def _rel_err(r) -> str:
+    """One gradient's error against native: 'bitwise', or relative L2 (2 significant digits)."""
+    if bool(r["bitwise"]):
+        return "bitwise"
+    v = float(r["rel_l2"])
+    pct = v * 100
+    if v < 1e-5:
+        return f"{pct:.0e}% (rounding)"
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:#.2g}%"
+
+
+def md_exactness(df: pd.DataFrame, rel: str) -> str:
+    """Two tables from results/exactness/exactness.csv: conv presets (weight gradient per input), other ops."""
+    r0 = df.iloc[0]
+    thr = f", {int(r0['torch_threads'])} torch thread" if "torch_threads" in df else ""
+    lines = [f"Measured on CPU, fp32, seed {int(r0['seed'])}{thr} (`python -m benchmarks.exactness`, `{rel}`). "
+             "Error = ‖g − g_native‖ / ‖g_native‖ against native PyTorch on the same input and output gradient; "
+             "cos = cosine similarity.", ""]
+    conv = df[df["op"].str.startswith("conv")]
+    if len(conv):
+        inputs = list(dict.fromkeys(conv["input"]))
+        shapes = dict(zip(conv["input"], conv["shape"]))
+        lines += [f"| {conv['op'].iloc[0]}: preset | forward, input grad, bias grad | "
+                  + " | ".join(f"weight grad, {i} ({shapes[i]})" for i in inputs) + " |",
+                  "|---|---|" + "---|" * len(inputs)]
+        for p in dict.fromkeys(conv["preset"]):
+            g = conv[conv["preset"] == p]
+            rest = g[g["output"] != "weight"]
+            exact = "bitwise" if rest["bitwise"].all() else "; ".join(
+                f"{o} {_rel_err(r)}" for o, r in zip(rest["output"], rest.to_dict("records")) if not r["bitwise"])
+            cells = []
+            for i in inputs:
+                w = g[(g["input"] == i) & (g["output"] == "weight")]
+                if w.empty:
+                    cells.append("—")
+                    continue
+                w = w.iloc[0]
+                e = _rel_err(w)
+                cells.append(e if w["bitwise"] or float(w["rel_l2"]) < 1e-5 else f"{e}, cos {w['cosine']:.2f}")
+            lines.append(f"| {p} | {exact} | " + " | ".join(cells) + " |")
+        lines.append("")
+    other = df[~df["op"].str.startswith("conv")]
+    if len(other):
+        presets = list(dict.fromkeys(other["preset"]))
+        lines += ["| op | input | forward | " + " | ".join(f"gradients, {p}" for p in presets) + " |",
+                  "|---|---|---|" + "---|" * len(presets)]
+        for op in dict.fromkeys(other["op"]):
+            g = other[other["op"] == op]
+            fwd = g[g["output"] == "forward"]
+            cells = []
+            for p in presets:
+                s = g[(g["preset"] == p) & (g["output"] != "forward")]
+                cells.append("; ".join(f"{o} {_rel_err(r)}" for o, r in zip(s["output"], s.to_dict("records")))
+                             or "—")
+            fcell = "bitwise" if fwd["bitwise"].all() else _rel_err(fwd.iloc[fwd["rel_l2"].argmax()])
+            lines.append(f"| {op} | {g['input'].iloc[0]} {g['shape'].iloc[0]} | {fcell} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).rstrip("\n")
+
+
 README_RENDERERS: list[tuple[str, Callable[[pd.DataFrame, str], str]]] = [
     (r"(.*/)?table/.+_saved_bytes\.csv", md_saved_bytes),
     (r"(.*/)?table/.+_conv_layers\.csv", md_conv_layers),
@@ -853,6 +916,7 @@ README_RENDERERS: list[tuple[str, Callable[[pd.DataFrame, str], str]]] = [
     (r"(.*/)?train/(.+/)?summary\.csv", md_train_summary),
     (r"(.*/)?whole_set/peak\.csv", md_peak),
     (r"(.*/)?(speed/[^/]+|whole_set/speed)\.csv", md_speed),
+    (r"(.*/)?exactness/exactness\.csv", md_exactness),
 ]
 _BLOCK = re.compile(r"(<!-- BEGIN (?P<path>[^>]+?) -->\n)(?P<body>.*?)(\n<!-- END (?P=path) -->)", re.S)
 
