@@ -369,7 +369,8 @@ def fig3_peak_vs_batch(R: Results, plt):
         f"; no measured GPU points ({R.rel(R.root / 'gpu')}/ has none)"
     fig.suptitle("Peak training-step memory vs batch size: predicted on the meta device (lines)"
                  + (", measured on a GPU (×)" if len(gpu) else ""), fontsize=11)
-    _footer(fig, f"{', '.join(sorted(set(pred['_source'])))}{meas}; {provenance_note(pred)}")
+    drawn = pd.concat([pred[pred["model"].isin(models)], gpu[gpu["model"].isin(models)] if len(gpu) else gpu])
+    _footer(fig, f"{', '.join(sorted(set(pred['_source'])))}{meas}; {provenance_note(drawn)}")
     fig.tight_layout(rect=(0, 0.02, 1, 0.95))
     return fig
 
@@ -769,7 +770,7 @@ def fig9_timeline(R: Results, plt):
         ax.set_title(f"Memory over one training step: {model}, batch {bs}, {img} px, fp32, SGD momentum — {how}",
                      fontsize=10)
         ax.legend(loc="upper right")
-        _footer(fig, f"{'; '.join(R.rel(p) for p in paths)}; {provenance_note(df)}")
+    _footer(fig, f"{'; '.join(R.rel(p) for p in paths)}; {provenance_note(pd.concat(frames, ignore_index=True))}")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     return fig
 
