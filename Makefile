@@ -33,7 +33,7 @@ lint: install
 	.venv/bin/ruff check .
 
 reproduce: install data
-	$(PY) -m benchmarks.reproduce $(if $(QUICK),quick=true,)
+	$(PY) -m benchmarks.reproduce $(if $(QUICK),quick=true,out=results)
 
 figures: install
 	$(PY) -m benchmarks.figures

@@ -57,6 +57,8 @@ def toy_results(tmp_path_factory):
             ("table", ["batch_size=2", "img_size=32", f"out_dir={R / 'table'}", f"hydra.run.dir={H}/table"]),
             ("memory", ["-m", "model=test_resnet", "compression=none,authors_b1,pool4,full4",
                         "batch_size=2,4", "img_size=32", "saved_by_op=true", "sweep=memory_by_op", *sw]),
+            ("memory", ["-m", "model=test_resnet", "compression=none,full4", "batch_size=2,4", "img_size=32",
+                        "saved_by_op=false", "sweep=memory_batch", *sw]),  # figure 3 draws this sweep only
             ("fit", ["-m", "model=test_resnet", "compression=none,full4", "img_size=64",
                      "budgets_gib=[0.0078125,0.015625]", "max_batch=64", "sweep=fit_models", *sw]),
             ("speed", ["-m", "model=test_resnet", "compression=authors_b1,pool4", "batch_size=2", "img_size=32",
@@ -77,7 +79,8 @@ def toy_results(tmp_path_factory):
 
 def test_every_figure_from_the_pipeline_csvs(toy_results, tmp_path, capsys):
     R = toy_results
-    for csv in ["table/resnet18_b2_32px_conv_layers.csv", "memory/memory_by_op.csv", "fit/fit_models.csv",
+    for csv in ["table/resnet18_b2_32px_conv_layers.csv", "memory/memory_by_op.csv", "memory/memory_batch.csv",
+                "fit/fit_models.csv",
                 "speed/speed_cpu.csv", "timeline/test_resnet_b2.csv", "train/toy/epochs.csv", "train/toy/summary.csv",
                 "train/toy/grad_cosine.csv"]:
         assert (R / csv).is_file(), csv
