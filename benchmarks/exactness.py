@@ -1,7 +1,7 @@
 """Per-op exactness (README "Exactness, per op"): each compressed op's forward output and gradients against
 native PyTorch on fixed-seed inputs, one CSV.
 
-    python -m benchmarks.exactness                          # -> results/exactness/exactness.csv
+    python -m benchmarks.exactness                          # -> scratch/exactness/exactness.csv (make reproduce: results/)
     python -m benchmarks.exactness conv_inputs=[noise]      # no data needed
 
 One row per (op, preset, input, output): ``output`` is ``forward``, ``input`` (the gradient to the op's input) or
