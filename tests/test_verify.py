@@ -1,9 +1,11 @@
 """``make verify``: the committed results are classified column by column, compared with a re-run under the
 tolerances of conf/verify.yaml, and a perturbed committed value is reported as beyond tolerance.
 
-One end-to-end run (``reproduce verify=true quick=true``) re-measures four toy-scale stages (table, memory by
-op, timeline, training: exact bytes and the training bands) against the committed ``results/quick/``; the other
-stages of the toy reference are left to ``make verify QUICK=1`` to keep this test near a minute on 2 cores.
+One end-to-end run (``reproduce verify=true quick=true``) re-measures three toy-scale stages (table, memory by
+op, timeline: exact to the byte) against the committed ``results/quick/``; the other stages are left to
+``make verify QUICK=1`` to keep this test short. Training is left out here because at toy scale (2 epochs of 512
+images) it is not reproducible across thread counts (1 vs 2 threads moved one preset's top-1 by 20 points); the
+training bands are tested on values in test_compare_value_bands.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import pytest
 from benchmarks import reproduce, verify
 
 REPO = Path(__file__).resolve().parent.parent
-QUICK_STAGES = "table,memory_by_op,timeline,train"
+QUICK_STAGES = "table,memory_by_op,timeline"
 
 
 @pytest.mark.parametrize("root", ["results", "results/quick"])
@@ -117,7 +119,7 @@ def _run(args, **kw):
 
 
 def test_verify_quick_end_to_end(tmp_path):
-    """Toy-scale re-run of four stages vs the committed results/quick/: reproduced (exit 0, the table); then the
+    """Toy-scale re-run of three stages vs the committed results/quick/: reproduced (exit 0, the table); then the
     same re-run against a copy of the reference with one value changed: that value is named, exit 1."""
     out = tmp_path / "scratch"
     r = _run(["verify=true", "quick=true", f"stages={QUICK_STAGES}", f"out={out}"])
@@ -137,10 +139,6 @@ def test_verify_quick_end_to_end(tmp_path):
     df = pd.read_csv(p)
     df.loc[0, "peak_bytes"] += 512  # one committed value off by 512 bytes
     df.to_csv(p, index=False)
-    s = ref / "train" / "fmnist_quick" / "summary.csv"
-    sm = pd.read_csv(s)
-    sm.loc[0, "final_val_top1"] += 2.0  # within the toy band (5 points): still reproduced
-    sm.to_csv(s, index=False)
     (ref / "timeline" / "test_resnet_b8.csv").unlink()  # a CSV only the re-run has: reported, not a failure
     r = _run(["verify=true", "quick=true", f"stages={QUICK_STAGES}", f"out={out}", f"reference={ref}",
               "compare_only=true"])
@@ -148,7 +146,6 @@ def test_verify_quick_end_to_end(tmp_path):
     assert "NOT reproduced" in r.stderr
     assert re.search(rf"memory/memory_by_op.csv \[[^]]*model.name={df.loc[0, 'model.name']}[^]]*\] peak_bytes "
                      rf"\(memory, exact\)", r.stdout), r.stdout[-3000:]
-    assert "within tolerance: top1_final differs by up to" in r.stdout
     assert "timeline/test_resnet_b8.csv: CSV not committed" in r.stdout
     cells = pd.read_csv(out / "verify" / "comparison.csv")
     bad = cells[cells["verdict"] == "beyond"]
