@@ -1,11 +1,11 @@
-# actcomp: `make reproduce` (the main job) and `make test`. Both install into .venv first when needed.
+# actcomp: `make reproduce` (the main job), `make verify` (does it reproduce here?) and `make test`; each installs into .venv first when needed.
 SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test lint reproduce figures data clean-results gpu-check
+.PHONY: install test lint reproduce verify figures data clean-results gpu-check
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ lint: install
 
 reproduce: install data
 	$(PY) -m benchmarks.reproduce $(if $(QUICK),quick=true,out=results)
+
+# Re-run the study into scratch/verify-<time>/ and compare it with results/ number by number (exit 1 if not
+# reproduced). QUICK=1: toy scale against results/quick/; STAGES=table,timeline: some stages only.
+verify: install data
+	$(PY) -m benchmarks.reproduce verify=true $(if $(QUICK),quick=true,) $(if $(STAGES),stages=$(STAGES),)
 
 figures: install
 	$(PY) -m benchmarks.figures
