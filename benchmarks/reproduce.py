@@ -403,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     w = max(len(r[0]) for r in report) if report else 5
     for name, status, dt, why in report:
         print(f"  {name:<{w}}  {status:<8} {_fmt(dt):>8}  {why}")
-    if not o["dry_run"]:
+    # Only a run that measured something is logged: a rerun that skips every stage (and redraws the figures
+    # byte for byte) leaves the committed files as they were.
+    if not o["dry_run"] and any(r[1] in ("ok", "FAILED") and r[0] != "figures" for r in report):
         _log_stage_times(o["out"], scale, started, report, total)
     failed = [r[0] for r in report if r[1] == "FAILED"]
     if failed:

@@ -70,6 +70,9 @@ OVERRIDES: list[tuple[str, dict[str, str]]] = [
     ("whole_set/peak.csv", {"ratio_to_none": "memory", "device": "provenance"}),
     ("whole_set/cosine.csv", {"cosine": "cosine_batch", "device": "provenance"}),
     ("table/*.csv", {"device": "provenance"}),
+    ("exactness/*.csv", {**{c: KEY for c in ("op", "input", "shape", "output", "torch_threads")},
+                         "exact_by_design": "exact", "bitwise": "exact", "rel_l2": "op_error", "cosine": "op_error",
+                         "max_abs_err": "op_error"}),
     ("train/*/epochs.csv", {"epoch": KEY}),
     ("train/*/grad_cosine.csv", {"epoch": KEY, "cosine": "cosine_train"}),
     # the baseline_best targets move with the baseline's best accuracy, so they are values, not keys
@@ -83,7 +86,7 @@ STAGE_OF: list[tuple[str, str]] = [
     ("table/*.csv", "table"), ("memory/memory_by_op.csv", "memory_by_op"), ("memory/memory_batch.csv", "memory_batch"),
     ("memory/memory_models.csv", "memory_models"), ("memory/gpu_memory.csv", "gpu_memory"),
     ("fit/fit_models.csv", "fit"), ("fit/fit_models_cuda.csv", "gpu_fit"), ("speed/*.csv", "speed"),
-    ("whole_set/*.csv", "whole_set"), ("timeline/*.csv", "timeline"),
+    ("whole_set/*.csv", "whole_set"), ("timeline/*.csv", "timeline"), ("exactness/*.csv", "exactness"),
     *((f"train/{e}/*.csv", e) for e in ("paper_imagenet_resnet18", "paper_imagenet_resnet34", "paper_imagenet_resnet50")),
     ("train/*/*.csv", "train"),
 ]
