@@ -6,7 +6,8 @@
 Every preset trains its own deep copy of one identically initialised model on the same fixed batch (built
 once, outside the timed region). After warm-up, each iteration times one step of every preset in turn,
 rotating the starting preset, so machine noise and thermal drift hit all presets alike; the median of the
-iterations is reported. On CUDA each step is bracketed by ``torch.cuda.synchronize``.
+iterations is reported. On CUDA each step is bracketed by ``torch.cuda.synchronize``. ``compile=True`` times
+each preset's model under ``torch.compile`` (inductor); the first warm-up step compiles, so warm-up must be >= 1.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ __all__ = ["compare_step_times"]
 
 def compare_step_times(model: str | nn.Module, presets: list, batch_size: int, img_size: int = 224, device="cpu",
                        warmup: int = 2, iters: int = 5, optimizer: str = "sgd", amp=False,
-                       channels_last: bool = False, num_classes: int = 1000, seed: int = 0):
+                       channels_last: bool = False, num_classes: int = 1000, seed: int = 0, compile: bool = False):
     """One row per preset (``none`` always included, first): median step time, images/s, ratio to ``none``.
 
     ``ratio_to_none`` = median step time / median step time of ``none`` (above 1: slower). A step is forward,
@@ -42,6 +43,10 @@ def compare_step_times(model: str | nn.Module, presets: list, batch_size: int, i
     _check_int(img_size, "img_size")
     _check_int(warmup, "warmup", lo=0)
     _check_int(iters, "iters")
+    if not isinstance(compile, bool):
+        raise ActcompError(f"compile must be True or False, got {compile!r}")
+    if compile and warmup < 1:
+        raise ActcompError("compile=True needs warmup >= 1: the first step compiles and must not be timed")
     amp_dt = _parse_amp(amp, dev.type)
     if isinstance(presets, str):
         presets = [presets]
@@ -74,7 +79,8 @@ def compare_step_times(model: str | nn.Module, presets: list, batch_size: int, i
         compress(m, cfg)  # after .to(): the int8/offload peers key parameters by storage
         m.train()
         scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" and amp_dt == torch.float16 else None
-        runs[name] = (m, _make_optimizer(m, optimizer, None), scaler)
+        fwd = torch.compile(m) if compile else m
+        runs[name] = (fwd, _make_optimizer(m, optimizer, None), scaler)
     del base
 
     def step(name: str) -> float:
@@ -118,7 +124,7 @@ def compare_step_times(model: str | nn.Module, presets: list, batch_size: int, i
     for name in order:
         med = statistics.median(times[name])
         rows.append(dict(model=label, preset=name, batch_size=batch_size, img_size=img_size, device=str(dev),
-                         amp=amp, channels_last=channels_last, iters=iters, median_s=med,
+                         amp=amp, channels_last=channels_last, compile=compile, iters=iters, median_s=med,
                          min_s=min(times[name]), max_s=max(times[name]), images_per_s=batch_size / med,
                          ratio_to_none=med / base_med))
     return pd.DataFrame(rows)

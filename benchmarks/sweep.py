@@ -161,8 +161,13 @@ def measured_config(cfg: DictConfig) -> dict:
     return {k: v for k, v in d.items() if k not in NOT_MEASURED}
 
 
+# Keys added after results were recorded: left out of the hash at their default, so older records still match.
+LATER_KEYS = {"compile": False}
+
+
 def point_key(cfg: DictConfig) -> str:
-    return config_hash(cfg, drop=NOT_MEASURED)
+    later = tuple(k for k, v in LATER_KEYS.items() if k in cfg and cfg[k] is v)
+    return config_hash(cfg, drop=NOT_MEASURED + later)
 
 
 def sweep_paths(out_dir: Path, app: str, sweep: str) -> tuple[Path, Path]:

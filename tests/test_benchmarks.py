@@ -208,6 +208,7 @@ BAD = [
     ("memory", ["model.name=vit_small_patch16_224", "img_size=8", "batch_size=2"], "img_size=8"),
     ("memory", ["device=gpu"], "unknown device 'gpu'"),
     ("speed", ["model=test_resnet", "device=meta"], "speed needs real compute"),
+    ("speed", ["model=test_resnet", "compile=maybe"], "compile='maybe': must be true or false"),
     ("fit", ["model=test_resnet", "budgets_gib=[0]"], "budgets_gib=[0]"),
     ("fit", ["model=test_resnet", "budgets_gib=abc"], "budgets_gib='abc': give a list of positive numbers"),
     ("fit", ["model=test_resnet", "max_batch=0"], "max_batch=0: must be an integer >= 1"),

@@ -3,6 +3,11 @@
 Exact: the gradient of ReLU, ReLU6 (hardtanh) and LeakyReLU depends only on which elements were in the
 linear region, so the mask reproduces the native gradient bitwise. In-place calls stay in place, so the
 full-size tensor is not kept alive by the activation.
+
+Under ``torch.compile`` an in-place call runs out of place and copies the result back into ``x``: dynamo
+mishandles ``mark_dirty`` on a tensor that enters the graph as an input (which any graph break before the
+activation causes, e.g. a BatchNorm recomputed from int8 just before it): the returned alias bypasses this
+function's backward and the gradient skips the mask. A plain ``copy_`` is functionalized correctly.
 """
 from __future__ import annotations
 
@@ -38,19 +43,25 @@ class MaskedActivation(torch.autograd.Function):
         return dx, None, None, None, None, None
 
 
+def _apply(x, fn, region, slope, inplace, name):
+    if inplace and torch.compiler.is_compiling():
+        return x.copy_(MaskedActivation.apply(x, fn, region, slope, False, name))
+    return MaskedActivation.apply(x, fn, region, slope, inplace, name)
+
+
 def relu(x, inplace=False, name=""):
-    return MaskedActivation.apply(x, lambda t, ip: F.relu(t, inplace=ip), lambda t: t > 0, 0.0, inplace, name)
+    return _apply(x, lambda t, ip: F.relu(t, inplace=ip), lambda t: t > 0, 0.0, inplace, name)
 
 
 def hardtanh(x, min_val=-1.0, max_val=1.0, inplace=False, name=""):
-    return MaskedActivation.apply(
+    return _apply(
         x, lambda t, ip: F.hardtanh(t, min_val, max_val, inplace=ip), lambda t: (t > min_val) & (t < max_val),
         0.0, inplace, name,
     )
 
 
 def leaky_relu(x, negative_slope=0.01, inplace=False, name=""):
-    return MaskedActivation.apply(
+    return _apply(
         x, lambda t, ip: F.leaky_relu(t, negative_slope, inplace=ip), lambda t: t > 0, float(negative_slope),
         inplace, name,
     )

@@ -28,6 +28,8 @@ class RecomputeFromInt8(torch.autograd.Function):
     def backward(ctx, dy):
         q, lo, scale, *params = ctx.saved_tensors
         need = ctx.needs_input_grad[5:]
+        if torch.compiler.is_compiling():
+            return (None, None, None, None, None, *_vjp_at_codes(ctx, q, lo, scale, params, need, dy))
         with torch.enable_grad():
             x = dequantize_uint8(q, lo, scale, ctx.dtype).requires_grad_(need[0])
             ps = [p.detach().requires_grad_(r) if p is not None else None for p, r in zip(params, need[1:])]
@@ -37,6 +39,26 @@ class RecomputeFromInt8(torch.autograd.Function):
             grads = iter(torch.autograd.grad(y, wrt, dy.to(y.dtype), allow_unused=True)) if wrt else iter(())
         out = [next(grads) if r and t is not None else None for t, r in zip([x, *ps], need)]
         return (None, None, None, None, None, *out)
+
+
+def _vjp_at_codes(ctx, q, lo, scale, params, need, dy):
+    # torch.autograd.grad in a backward is a graph break for dynamo (and each break splits the model's graph);
+    # torch.func.vjp computes the same gradients and traces into the compiled graph.
+    x = dequantize_uint8(q, lo, scale, ctx.dtype)
+    full = [x, *params]
+    idx = [i for i, (t, r) in enumerate(zip(full, need)) if r and t is not None]
+    if not idx:
+        return [None] * len(full)
+
+    def f(*wrt):
+        args = list(full)
+        for i, t in zip(idx, wrt):
+            args[i] = t
+        return ctx.bwd(*args)
+
+    y, vjp_fn = torch.func.vjp(f, *[full[i].detach() for i in idx])
+    grads = dict(zip(idx, vjp_fn(dy.to(y.dtype))))
+    return [grads.get(i) for i in range(len(full))]
 
 
 def recompute(fwd, bwd, kind, x, params=(), stochastic=False, name=""):
