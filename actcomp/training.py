@@ -449,6 +449,10 @@ def _train(cfg, data, callback, d: _Dist, create_optimizer_v2, create_scheduler_
         history, cosines = list(state["history"]), list(state.get("cosines", []))
         rngs = state["rng"]
         set_rng_state(rngs[d.rank] if len(rngs) == d.world else rngs[0])
+        was, now = state.get("numerics"), cpu_numerics()
+        if d.device.type == "cpu" and was and was != now:  # allowed, but the bits of the rest will differ
+            print(f"note: resuming with CPU numerics {now} instead of the checkpoint's {was}: the continuation "
+                  f"is not bitwise what an uninterrupted run would give", file=sys.stderr)
     elif ckpt is not None and ckpt.exists() and not cfg.resume:
         raise TrainError(f"{ckpt} already exists; pass resume=true to continue it, or use another output dir")
 
@@ -553,7 +557,8 @@ def _train(cfg, data, callback, d: _Dist, create_optimizer_v2, create_scheduler_
             _atomic_save(dict(version=1, epoch=e1, num_updates=num_updates, model=model.state_dict(),
                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                               scaler=scaler.state_dict() if scaler is not None else None, history=history,
-                              cosines=cosines, fingerprint=_fingerprint(cfg), rng=rngs), ckpt)
+                              cosines=cosines, fingerprint=_fingerprint(cfg), rng=rngs,
+                              numerics=cpu_numerics()), ckpt)
         if d.main and callback is not None:
             with preserved_rng():  # whatever the callback does, the next epoch starts from the checkpointed state
                 callback(dict(row, preset=preset_name))

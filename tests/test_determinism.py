@@ -91,3 +91,21 @@ def test_whole_set_cosine_runs_with_the_configured_threads(monkeypatch):
         assert seen == [c.threads] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(n)
+
+
+def test_resume_under_another_thread_count_says_so(tmp_path, capsys):
+    from actcomp.data import build_data
+    from actcomp.training import TrainConfig, train
+
+    data = build_data("synthetic", n_train=32, n_val=16, image_size=16)
+    cfg = dict(model="test_resnet", epochs=2, batch_size=16, progress=False, memory=False,
+               ckpt_path=str(tmp_path / "c.pt"))
+    n = torch.get_num_threads()
+    try:
+        train(TrainConfig(**cfg, threads=1, stop_after_epoch=1), data)
+        assert torch.load(tmp_path / "c.pt", weights_only=False)["numerics"]["threads"] == 1
+        capsys.readouterr()
+        train(TrainConfig(**cfg, threads=2, resume=True), data)
+        assert "not bitwise" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(n)
