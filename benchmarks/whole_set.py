@@ -58,7 +58,8 @@ def cosines(c, quick: bool) -> pd.DataFrame:
     """Per-layer cosine between compressed and exact weight gradients on a real Fashion-MNIST batch.
 
     Runs with ``c.threads`` torch threads (restored after): the warm-up steps' summation order depends on the
-    thread count, and the cosines of the warmed-up model amplify that (up to 0.2 between 1 and 2 threads).
+    thread count, and the cosines of the warmed-up model amplify that (up to 0.2 between 1 and 2 threads; at
+    a fixed count a re-run gives bitwise the same cosines on the same kind of CPU).
     """
     n = torch.get_num_threads()
     torch.set_num_threads(int(c.get("threads") or n))
