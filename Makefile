@@ -1,18 +1,20 @@
-# actcomp: `make reproduce` (the main job) and `make test`. Both install into .venv first when needed.
+# actcomp: `make reproduce` (the main job), `make verify` (does it reproduce here?) and `make test`; each installs into .venv first when needed.
 SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test lint reproduce figures data clean-results
+.PHONY: install test lint reproduce verify figures data clean-results gpu-check
 
 install: $(STAMP)
 
+# pip -qq: errors only. With -q pip prints a warning per index location that lacks a package (dozens on machines
+# with extra local indexes) and the build backend's notes; an install error still prints in full.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
 # Real offline data (Fashion-MNIST, Debian package); harmless when already there or when apt is unavailable.
@@ -31,7 +33,16 @@ lint: install
 	.venv/bin/ruff check .
 
 reproduce: install data
-	$(PY) -m benchmarks.reproduce $(if $(QUICK),quick=true,)
+	$(PY) -m benchmarks.reproduce $(if $(QUICK),quick=true,out=results)
+
+# Re-run the study into scratch/verify-<time>/ and compare it with results/ number by number (exit 1 if not
+# reproduced). QUICK=1: toy scale against results/quick/; STAGES=table,timeline: some stages only.
+verify: install data
+	$(PY) -m benchmarks.reproduce verify=true $(if $(QUICK),quick=true,) $(if $(STAGES),stages=$(STAGES),)
 
 figures: install
 	$(PY) -m benchmarks.figures
+
+# On a CUDA machine: measured GPU memory, step-time ratios (eager and compiled), one largest-batch check per model.
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check $(ARGS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +50,11 @@ _FMNIST_HINT = ("run `make data` (or `apt-get install dataset-fashion-mnist`), o
 
 def _read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format): magic (0, 0, dtype 0x08=uint8, ndim), big-endian dims, raw bytes."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a partial download or a damaged copy
+        raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}); {_FMNIST_HINT}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an uint8 IDX file")
     ndim = raw[3]
@@ -193,7 +197,7 @@ def cifar100(root=None, **kw) -> DataBundle:
 
 def imagenet_transforms(image_size: int = 224, test_resize: int = 248, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
                         re_prob: float = 0.25, re_mode: str = "pixel", interpolation: str = "bicubic"):
-    """The authors' recipe (STUDY.md) through timm's ``create_transform``.
+    """The authors' recipe (arXiv 2409.11902) through timm's ``create_transform``.
 
     Train: RandomResizedCrop(image_size, bicubic), horizontal flip, RandAugment ``rand-m9-mstd0.5-inc1``,
     RandomErasing(p=0.25; ``re_mode="pixel"`` as timm's train.py defaults). Test: resize ``test_resize`` bicubic,

@@ -671,6 +671,8 @@ def _step(prep: _Prepared, batch_size: int, marks: dict | None, tracker):
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, ValueError, AssertionError, IndexError, ZeroDivisionError) as e:
+        if isinstance(e, RuntimeError) and "can't allocate memory" in str(e):
+            raise MemoryError(f"out of memory at batch {batch_size}: {_first_line(e)}") from None  # CPU OOM
         raise ActcompError(f"{prep.label} failed in forward at batch {batch_size}, img_size={prep.img_size} "
                            f"(image too small for the model?): {_first_line(e)}") from None
     del out

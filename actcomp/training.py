@@ -14,7 +14,9 @@ training batches come from a ``DistributedSampler`` seeded with ``seed`` and re-
 
 Checkpoints (every epoch, written atomically) hold the model, optimizer, scheduler, grad scaler, every RNG
 state, the epoch and the history; a run resumed from one ends, on CPU with the same seed, with the same
-metrics as an uninterrupted run.
+metrics as an uninterrupted run. Resuming with more epochs is allowed when the schedule does not depend on the
+run's length (a step decay every N epochs) and refused otherwise (a cosine fitted to the old length would train
+the extra epochs at its minimum rate).
 """
 from __future__ import annotations
 
@@ -440,6 +442,8 @@ def _train(cfg, data, callback, d: _Dist, create_optimizer_v2, create_scheduler_
         if state.get("fingerprint") != _fingerprint(cfg):
             raise TrainError(f"checkpoint {ckpt} was written by a different run ({_diff(state.get('fingerprint', {}), _fingerprint(cfg))}); "
                              f"use a new output dir or the same settings")
+        _check_schedule_length(state, cfg, ckpt, lambda n: _schedule_state(cfg, n, len(train_loader),
+                                                                           create_scheduler_v2))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -554,7 +558,7 @@ def _train(cfg, data, callback, d: _Dist, create_optimizer_v2, create_scheduler_
             rngs = [None] * d.world
             dist.all_gather_object(rngs, rng_state())
         if d.main and ckpt is not None:
-            _atomic_save(dict(version=1, epoch=e1, num_updates=num_updates, model=model.state_dict(),
+            _atomic_save(dict(version=1, epoch=e1, epochs=cfg.epochs, num_updates=num_updates, model=model.state_dict(),
                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                               scaler=scaler.state_dict() if scaler is not None else None, history=history,
                               cosines=cosines, fingerprint=_fingerprint(cfg), rng=rngs,
@@ -570,6 +574,37 @@ def _train(cfg, data, callback, d: _Dist, create_optimizer_v2, create_scheduler_
     summary.update(preset=preset_name, model=cfg.model, epochs_planned=num_epochs, finished=finished,
                    world_size=d.world, device=str(d.device), n_train=len(data.train), n_val=len(data.val))
     return TrainResult(history, summary, finished, cosines)
+
+
+def _schedule_state(cfg: TrainConfig, epochs: int, updates_per_epoch: int, create_scheduler_v2) -> dict:
+    """The state of a fresh ``cfg.sched`` scheduler for ``epochs`` epochs (on a stand-in optimizer)."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=float(cfg.opt.get("lr", 0.1)))
+    sched, _ = create_scheduler_v2(opt, num_epochs=epochs, updates_per_epoch=updates_per_epoch, **dict(cfg.sched))
+    return sched.state_dict()
+
+
+def _check_schedule_length(state: dict, cfg: TrainConfig, ckpt: Path, fresh: Callable[[int], dict]) -> None:
+    """A resumed run may ask for more epochs only when the schedule does not depend on the length (a step decay
+    every N epochs); a cosine schedule fitted to the old length would keep its minimum rate for the extra
+    epochs, and refitting it mid-run would make a schedule no uninterrupted run has. Refused in one line."""
+    done = int(state["epoch"])
+    if cfg.epochs < done:
+        raise TrainError(f"checkpoint {ckpt} already holds {done} epochs; epochs={cfg.epochs} is fewer "
+                         f"(resume with epochs>={done})")
+    old = state.get("epochs")
+    if old == cfg.epochs:
+        return
+    # metric: set by the last step; base_values: the optimizer's groups (the stand-in has one; lr is fingerprinted)
+    ignore = {"metric", "base_values"}
+    # Checkpoints written before the length was stored: compare with the checkpoint's own scheduler.
+    a = fresh(int(old)) if old is not None else state["scheduler"]
+    b = fresh(cfg.epochs)
+    if {k: v for k, v in a.items() if k not in ignore} != {k: v for k, v in b.items() if k not in ignore}:
+        kind, was = cfg.sched.get("sched", "?"), f"{old}-epoch" if old is not None else "shorter"
+        raise TrainError(f"checkpoint {ckpt} was trained on a {was} {kind} schedule and epochs={cfg.epochs} would "
+                         f"change it (its learning rate is at its minimum once the old length is reached); resume "
+                         f"with {f'epochs={old}' if old is not None else 'the epochs it was started with'}, or "
+                         f"start a new run with epochs={cfg.epochs}")
 
 
 def _first_batch(ds, n: int):

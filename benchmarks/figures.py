@@ -47,6 +47,11 @@ KIND_COLORS = {"conv input": "#1f77b4", "norm input": "#ff7f0e", "activation": "
 FIG2_MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "efficientnet_b0",
                "mobilenetv3_large_100", "convnext_tiny", "vit_small_patch16_224"]
 FIG3_MODELS = ["resnet18", "resnet50"]
+# The sweeps each figure draws (what make reproduce writes); any other CSV in the same folder, e.g. an ad-hoc
+# sweep written with out_dir=results, is never drawn.
+SWEEPS = {"fig2": "memory/memory_by_op.csv", "fig3": "memory/memory_batch.csv",
+          "fig3_gpu": ("gpu/**/*.csv", "memory/gpu_memory.csv"), "fig4": ("fit/fit_models.csv", "fit/fit_models_cuda.csv"),
+          "fig8": "speed/speed_cpu.csv"}
 PHASE_COLORS = {"batch": "#bdbdbd", "forward": "#9ecae1", "backward": "#fdae6b", "optimizer": "#74c476",
                 "after step": "#dddddd"}
 
@@ -105,10 +110,11 @@ class Results:
         except ValueError:
             return str(p)
 
-    def csvs(self, pattern: str, hint: str) -> list[Path]:
-        found = sorted(p for p in self.root.glob(pattern) if p.is_file() and not p.name.startswith("."))
+    def csvs(self, pattern: str | tuple[str, ...], hint: str) -> list[Path]:
+        pats = (pattern,) if isinstance(pattern, str) else pattern
+        found = sorted({p for pat in pats for p in self.root.glob(pat) if p.is_file() and not p.name.startswith(".")})
         if not found:
-            raise Missing(f"no {self.rel(self.root)}/{pattern} ({hint})")
+            raise Missing(f"no {' nor '.join(f'{self.rel(self.root)}/{pat}' for pat in pats)} ({hint})")
         return found
 
     def read(self, path: Path, need: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -122,7 +128,7 @@ class Results:
             raise Missing(f"{self.rel(path)} lacks column(s) {', '.join(lack)}")
         return df
 
-    def read_all(self, pattern: str, hint: str, need: tuple[str, ...] = (), skip_lacking: bool = False
+    def read_all(self, pattern: str | tuple[str, ...], hint: str, need: tuple[str, ...] = (), skip_lacking: bool = False
                  ) -> pd.DataFrame:
         """Every CSV matching ``pattern``, concatenated (``_source`` column). ``skip_lacking``: CSVs without the
         ``need`` columns are left out (e.g. peak-only sweeps for the by-op figure) instead of an error."""
@@ -168,15 +174,20 @@ def most_common(s: pd.Series):
 
 
 def provenance_note(df: pd.DataFrame) -> str:
+    """Every device, git sha and date among the rows drawn (not the most common one: a figure that mixes runs
+    must say so)."""
+    def every(col: str, n: int | None = None) -> list[str]:
+        return sorted({str(v)[:n] for v in df[col].dropna()}) if col in df else []
+
     bits = []
     for col in ("device_name", "device"):
-        if col in df and df[col].notna().any():
-            bits.append(str(most_common(df[col].dropna())))
+        if every(col):
+            bits.append(" + ".join(every(col)))
             break
-    if "git_sha" in df and df["git_sha"].notna().any():
-        bits.append(f"git {most_common(df['git_sha'].dropna())}")
-    if "date" in df and df["date"].notna().any():
-        bits.append(str(df["date"].dropna().max())[:10])
+    if every("git_sha"):
+        bits.append("git " + ", ".join(every("git_sha")))
+    if every("date"):
+        bits.append(", ".join(every("date", 10)))
     return ", ".join(bits)
 
 
@@ -236,7 +247,7 @@ def fig1_layers(R: Results, plt):
 
 
 def fig2_by_kind(R: Results, plt):
-    df = sweep_frame(R.read_all("memory/*.csv", "run: python -m benchmarks.memory -m experiment=memory_by_op",
+    df = sweep_frame(R.read_all(SWEEPS["fig2"], "run: python -m benchmarks.memory -m experiment=memory_by_op",
                                 ("model.name", "compression.name", "batch_size", "saved_total_bytes"),
                                 skip_lacking=True))
     df = default_settings(df[df["saved_total_bytes"].notna()])
@@ -288,20 +299,20 @@ def fig2_by_kind(R: Results, plt):
     h, lab = axes.flat[0].get_legend_handles_labels()
     height = 3.3 * nrow + 0.6
     fig.legend(h, lab, loc="lower center", bbox_to_anchor=(0.5, 0.35 / height), ncol=len(lab), frameon=False)
-    fig.suptitle(f"Where the saved-for-backward bytes go, by op kind (batch {batch}, {img} px, fp32; "
-                 f"bar labels: % of native `none`)", fontsize=11)
     src = ", ".join(sorted(set(df["_source"])))
-    how = "predicted on meta" if (df.get("saved_device", pd.Series(["meta"])).astype(str) == "meta").all() \
-        else "measured/predicted (see saved_device)"
+    predicted = (df.get("saved_device", pd.Series(["meta"])).astype(str) == "meta").all()
+    how = "predicted on meta" if predicted else "measured/predicted (see saved_device)"
+    fig.suptitle(f"Where the saved-for-backward bytes go, by op kind — {'predicted (meta device)' if predicted else how}"
+                 f" (batch {batch}, {img} px, fp32; bar labels: % of native `none`)", fontsize=11)
     _footer(fig, f"{how}; {src}; {provenance_note(df)}")
     fig.tight_layout(rect=(0, 0.75 / height, 1, 1 - 0.15 / height))
     return fig
 
 
 def _measured_gpu(R: Results) -> pd.DataFrame:
-    """Measured GPU step peaks: results/gpu/*.csv and any memory sweep point with method 'cuda'."""
+    """Measured GPU step peaks: results/gpu/*.csv and the gpu_memory sweep's points with method 'cuda'."""
     frames = []
-    for pattern in ("gpu/**/*.csv", "memory/*.csv"):
+    for pattern in SWEEPS["fig3_gpu"]:
         for p in sorted(R.root.glob(pattern)):
             try:
                 df = sweep_frame(pd.read_csv(p))
@@ -316,7 +327,7 @@ def _measured_gpu(R: Results) -> pd.DataFrame:
 
 
 def fig3_peak_vs_batch(R: Results, plt):
-    df = sweep_frame(R.read_all("memory/*.csv", "run: python -m benchmarks.memory -m experiment=memory_batch",
+    df = sweep_frame(R.read_all(SWEEPS["fig3"], "run: python -m benchmarks.memory -m experiment=memory_batch",
                                 ("model.name", "compression.name", "batch_size", "peak_bytes", "method"),
                                 skip_lacking=True))
     pred = default_settings(df[df["method"].astype(str).str.startswith("memtracker-meta")])
@@ -358,7 +369,8 @@ def fig3_peak_vs_batch(R: Results, plt):
         f"; no measured GPU points ({R.rel(R.root / 'gpu')}/ has none)"
     fig.suptitle("Peak training-step memory vs batch size: predicted on the meta device (lines)"
                  + (", measured on a GPU (×)" if len(gpu) else ""), fontsize=11)
-    _footer(fig, f"{', '.join(sorted(set(pred['_source'])))}{meas}; {provenance_note(pred)}")
+    drawn = pd.concat([pred[pred["model"].isin(models)], gpu[gpu["model"].isin(models)] if len(gpu) else gpu])
+    _footer(fig, f"{', '.join(sorted(set(pred['_source'])))}{meas}; {provenance_note(drawn)}")
     fig.tight_layout(rect=(0, 0.02, 1, 0.95))
     return fig
 
@@ -372,13 +384,21 @@ def _budget_cols(df: pd.DataFrame, prefix: str) -> list[tuple[str, float]]:
     return sorted(out, key=lambda t: t[1])
 
 
+def _lower_bound(row: pd.Series, max_col: str) -> bool:
+    """The fit app marks an answer that hit its search ceiling (max_batch) as a lower bound."""
+    v = row.get(max_col.replace("max_batch_", "lower_bound_", 1))
+    return bool(v) if pd.notna(v) and str(v).lower() not in ("false", "0") else False
+
+
 def fig4_fit(R: Results, plt):
-    df = sweep_frame(R.read_all("fit/*.csv", "run: python -m benchmarks.fit -m experiment=fit_models",
+    df = sweep_frame(R.read_all(SWEEPS["fig4"], "run: python -m benchmarks.fit -m experiment=fit_models",
                                 ("model.name", "compression.name")))
     budgets = _budget_cols(df, "max_batch_")
     if not budgets or df.empty:
         raise Missing("the fit CSVs have no ok points with max_batch_<N>gib columns")
     df = default_settings(df)
+    if df.empty:
+        raise Missing("the fit CSVs hold no point at the default settings (fp32, no AMP, NCHW, SGD)")
     img = int(most_common(df["img_size"])) if "img_size" in df else None
     if img is not None:
         df = df[df["img_size"] == img]
@@ -386,6 +406,8 @@ def fig4_fit(R: Results, plt):
     models = list(dict.fromkeys(df["model"]))
     rows = [(m, p) for m in models for p in sort_presets(df[df["model"] == m]["preset"])]
     vals = np.array([[df[(df.model == m) & (df.preset == p)][c].iloc[0] for c, _ in budgets] for m, p in rows], float)
+    capped = np.array([[_lower_bound(df[(df.model == m) & (df.preset == p)].iloc[0], c) for c, _ in budgets]
+                       for m, p in rows], bool).reshape(vals.shape)
     verified = _budget_cols(df, "verified_batch_")
     ver = {}
     if verified:
@@ -401,7 +423,7 @@ def fig4_fit(R: Results, plt):
     for i in range(len(rows)):
         for j in range(len(budgets)):
             v = vals[i, j]
-            txt = "—" if not np.isfinite(v) else ("0" if v == 0 else f"{int(v)}")
+            txt = "—" if not np.isfinite(v) else ("0" if v == 0 else f"{'≥' if capped[i, j] else ''}{int(v)}")
             if (i, j) in ver:
                 txt += f" / {ver[i, j]}"
             ax.text(j, i, txt, ha="center", va="center", fontsize=7.5,
@@ -421,7 +443,8 @@ def fig4_fit(R: Results, plt):
     ticks = np.arange(lo, hi + 1, max(1, int((hi - lo) // 6) or 1))
     cb.set_ticks(ticks, labels=[f"{2 ** t:g}" for t in ticks])
     cb.set_label("largest batch (log colour scale)")
-    what = "predicted on meta" + (" / verified by a real OOM search on the GPU" if ver else "")
+    what = "predicted on meta" + (" / verified by a real OOM search on the GPU" if ver else "") + (
+        "; ≥: search ceiling max_batch reached, a lower bound" if capped.any() else "")
     ax.set_title(f"Smallest GPU: largest batch whose training step fits each budget ({img} px, fp32, SGD; {what})",
                  fontsize=10)
     _footer(fig, f"{', '.join(sorted(set(df['_source'])))}; {provenance_note(df)}")
@@ -635,7 +658,7 @@ def _fig7_epochs(R: Results, plt, studies):
 
 def fig8_speed(R: Results, plt):
     frames = []
-    for p in sorted(R.root.glob("speed/*.csv")):
+    for p in sorted(R.root.glob(SWEEPS["fig8"])):
         d = sweep_frame(R.read(p, ("model.name", "compression.name", "ratio_to_none")))
         d = default_settings(d)
         d["_source"] = R.rel(p)
@@ -647,10 +670,13 @@ def fig8_speed(R: Results, plt):
         d["_source"] = R.rel(ws)
         frames.append(d)
     if not frames:
-        raise Missing(f"no {R.rel(R.root)}/speed/*.csv nor whole_set/speed.csv "
+        raise Missing(f"no {R.rel(R.root)}/speed/speed_cpu.csv nor whole_set/speed.csv "
                       f"(run: python -m benchmarks.speed -m experiment=speed_cpu)")
     df = pd.concat(frames, ignore_index=True)
     df = df[df["preset"] != "none"]
+    if df.empty:
+        raise Missing("the speed CSVs hold no point other than none at the default settings "
+                      "(fp32, no AMP, NCHW, SGD)")
 
     def series(r) -> str:
         bits = [str(r.get("model", "?"))]
@@ -675,7 +701,8 @@ def fig8_speed(R: Results, plt):
         bars = ax.bar(xs, g["ratio_to_none"], w, color=cmap(j % 10), label=s)
         for b, v in zip(bars, g["ratio_to_none"]):
             if np.isfinite(v):
-                ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom",
+                # Two digits: one median of a few steps per bar does not support a third.
+                ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom",
                         fontsize=7 if len(ser) > 2 else 8)
         for x, p, v in zip(xs, presets, g["ratio_to_none"]):
             if p == "authors_b1" and np.isfinite(v):  # the authors' baseline: hatched, as elsewhere
@@ -686,7 +713,10 @@ def fig8_speed(R: Results, plt):
         if t.get_text() == "authors_b1":
             t.set_fontweight("bold")
     ax.set_ylabel("training-step time / native step time")
-    ax.set_title("Step-time overhead vs native PyTorch (measured, median of interleaved steps, same process)",
+    iters = sorted({int(i) for i in df["iters"].dropna()}) if "iters" in df else []
+    per_bar = f"one median of {'/'.join(map(str, iters))} interleaved steps per bar" if iters else \
+        "median of interleaved steps"
+    ax.set_title(f"Step-time overhead vs native PyTorch (measured, {per_bar}, same process)",
                  pad=8 + 14 * ((len(ser) + 2) // 3))
     ax.set_ylim(0, np.nanmax(df["ratio_to_none"].to_numpy(float)) * 1.1)
     # Legend above the bars (a corner would hide the labels of the first group).
@@ -744,20 +774,20 @@ def fig9_timeline(R: Results, plt):
         ax.set_title(f"Memory over one training step: {model}, batch {bs}, {img} px, fp32, SGD momentum — {how}",
                      fontsize=10)
         ax.legend(loc="upper right")
-        _footer(fig, f"{'; '.join(R.rel(p) for p in paths)}; {provenance_note(df)}")
+    _footer(fig, f"{'; '.join(R.rel(p) for p in paths)}; {provenance_note(pd.concat(frames, ignore_index=True))}")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     return fig
 
 
 FIGURES: list[tuple[int, str, Callable, str]] = [
     (1, "fig1_layer_table.png", fig1_layers, "per-layer table, ResNet-18 batch 32 (table/*_conv_layers.csv)"),
-    (2, "fig2_saved_by_kind.png", fig2_by_kind, "saved bytes by op kind (memory/*.csv)"),
-    (3, "fig3_peak_vs_batch.png", fig3_peak_vs_batch, "peak vs batch size (memory/*.csv, gpu/*.csv)"),
-    (4, "fig4_smallest_gpu.png", fig4_fit, "largest batch per GPU budget (fit/*.csv)"),
+    (2, "fig2_saved_by_kind.png", fig2_by_kind, "saved bytes by op kind (memory/memory_by_op.csv)"),
+    (3, "fig3_peak_vs_batch.png", fig3_peak_vs_batch, "peak vs batch size (memory/memory_batch.csv, memory/gpu_memory.csv, gpu/*.csv)"),
+    (4, "fig4_smallest_gpu.png", fig4_fit, "largest batch per GPU budget (fit/fit_models.csv, fit/fit_models_cuda.csv)"),
     (5, "fig5_convergence.png", fig5_convergence, "convergence (train/*/epochs.csv)"),
     (6, "fig6_time_to_accuracy.png", fig6_time_to_accuracy, "time-to-accuracy ratios (train/*/summary.csv)"),
     (7, "fig7_grad_cosine.png", fig7_cosine, "gradient cosine (train/*/grad_cosine.csv or whole_set/cosine.csv)"),
-    (8, "fig8_step_time.png", fig8_speed, "step-time overhead (speed/*.csv, whole_set/speed.csv)"),
+    (8, "fig8_step_time.png", fig8_speed, "step-time overhead (speed/speed_cpu.csv, whole_set/speed.csv)"),
     (9, "fig9_step_timeline.png", fig9_timeline, "memory over one step (timeline/*.csv)"),
 ]
 
@@ -799,7 +829,8 @@ def md_fit(df: pd.DataFrame, rel: str) -> str:
         for p in sort_presets(g["preset"]):
             r = g[g["preset"] == p].iloc[-1]
             lines.append(f"| {m} | {p} | " + " | ".join(
-                "—" if pd.isna(r[c]) else str(int(r[c])) for c, _ in budgets) + " |")
+                "—" if pd.isna(r[c]) else ("≥" if _lower_bound(r, c) else "") + str(int(r[c])) for c, _ in budgets)
+                + " |")
     return "\n".join(lines)
 
 
@@ -846,6 +877,65 @@ def md_speed(df: pd.DataFrame, rel: str) -> str:
                             lambda s: f"{s['ratio_to_none'].iloc[-1]:.2f}×")
 
 
+def _rel_err(r) -> str:
+    """One gradient's error against native: 'bitwise', or relative L2 (2 significant digits)."""
+    if bool(r["bitwise"]):
+        return "bitwise"
+    v = float(r["rel_l2"])
+    pct = v * 100
+    if v < 1e-5:
+        return f"{pct:.0e}% (rounding)"
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:#.2g}%"
+
+
+def md_exactness(df: pd.DataFrame, rel: str) -> str:
+    """Two tables from results/exactness/exactness.csv: conv presets (weight gradient per input), other ops."""
+    r0 = df.iloc[0]
+    thr = f", {int(r0['torch_threads'])} torch thread" if "torch_threads" in df else ""
+    lines = [f"Measured on CPU, fp32, seed {int(r0['seed'])}{thr} (`python -m benchmarks.exactness`, `{rel}`). "
+             "Error = ‖g − g_native‖ / ‖g_native‖ against native PyTorch on the same input and output gradient; "
+             "cos = cosine similarity.", ""]
+    conv = df[df["op"].str.startswith("conv")]
+    if len(conv):
+        inputs = list(dict.fromkeys(conv["input"]))
+        shapes = dict(zip(conv["input"], conv["shape"]))
+        lines += [f"| {conv['op'].iloc[0]}: preset | forward, input grad, bias grad | "
+                  + " | ".join(f"weight grad, {i} ({shapes[i]})" for i in inputs) + " |",
+                  "|---|---|" + "---|" * len(inputs)]
+        for p in dict.fromkeys(conv["preset"]):
+            g = conv[conv["preset"] == p]
+            rest = g[g["output"] != "weight"]
+            exact = "bitwise" if rest["bitwise"].all() else "; ".join(
+                f"{o} {_rel_err(r)}" for o, r in zip(rest["output"], rest.to_dict("records")) if not r["bitwise"])
+            cells = []
+            for i in inputs:
+                w = g[(g["input"] == i) & (g["output"] == "weight")]
+                if w.empty:
+                    cells.append("—")
+                    continue
+                w = w.iloc[0]
+                e = _rel_err(w)
+                cells.append(e if w["bitwise"] or float(w["rel_l2"]) < 1e-5 else f"{e}, cos {w['cosine']:.2f}")
+            lines.append(f"| {p} | {exact} | " + " | ".join(cells) + " |")
+        lines.append("")
+    other = df[~df["op"].str.startswith("conv")]
+    if len(other):
+        presets = list(dict.fromkeys(other["preset"]))
+        lines += ["| op | input | forward | " + " | ".join(f"gradients, {p}" for p in presets) + " |",
+                  "|---|---|---|" + "---|" * len(presets)]
+        for op in dict.fromkeys(other["op"]):
+            g = other[other["op"] == op]
+            fwd = g[g["output"] == "forward"]
+            cells = []
+            for p in presets:
+                s = g[(g["preset"] == p) & (g["output"] != "forward")]
+                cells.append("; ".join(f"{o} {_rel_err(r)}" for o, r in zip(s["output"], s.to_dict("records")))
+                             or "—")
+            fcell = "bitwise" if fwd["bitwise"].all() else _rel_err(fwd.iloc[fwd["rel_l2"].argmax()])
+            lines.append(f"| {op} | {g['input'].iloc[0]} {g['shape'].iloc[0]} | {fcell} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).rstrip("\n")
+
+
 README_RENDERERS: list[tuple[str, Callable[[pd.DataFrame, str], str]]] = [
     (r"(.*/)?table/.+_saved_bytes\.csv", md_saved_bytes),
     (r"(.*/)?table/.+_conv_layers\.csv", md_conv_layers),
@@ -853,6 +943,7 @@ README_RENDERERS: list[tuple[str, Callable[[pd.DataFrame, str], str]]] = [
     (r"(.*/)?train/(.+/)?summary\.csv", md_train_summary),
     (r"(.*/)?whole_set/peak\.csv", md_peak),
     (r"(.*/)?(speed/[^/]+|whole_set/speed)\.csv", md_speed),
+    (r"(.*/)?exactness/exactness\.csv", md_exactness),
 ]
 _BLOCK = re.compile(r"(<!-- BEGIN (?P<path>[^>]+?) -->\n)(?P<body>.*?)(\n<!-- END (?P=path) -->)", re.S)
 
@@ -933,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
     plt = _plt()
     R = Results(root)
     t0 = time.perf_counter()
-    drawn, skipped = [], []
+    drawn, skipped, failed = [], [], []
     for num, fname, fn, desc in FIGURES:
         if opts["only"] and num not in opts["only"]:
             continue
@@ -950,6 +1041,11 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(num)
             print(f"figures: {'error' if opts['strict'] else 'warning'}: figure {num} ({desc}) skipped: {e}",
                   file=sys.stderr)
+        except Exception as e:  # noqa: BLE001  a bug or an unforeseen CSV: one line, the other figures still drawn
+            plt.close("all")
+            failed.append(num)
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(f"figures: error: figure {num} ({desc}) failed: {type(e).__name__}: {msg}", file=sys.stderr)
     readme = None
     if opts["readme"] == "auto":
         if root.resolve() == (REPO / "results").resolve() and (REPO / "README.md").is_file():
@@ -963,8 +1059,9 @@ def main(argv: list[str] | None = None) -> int:
         warn = lambda m: print(f"figures: warning: {m}", file=sys.stderr)  # noqa: E731
         n = update_readme(readme, root, warn)
         print(f"{readme}: {n} table(s) updated from the CSVs")
-    print(f"figures: {len(drawn)} drawn, {len(skipped)} skipped, into {R.rel(out)} in {time.perf_counter() - t0:.1f}s")
-    return 1 if skipped and opts["strict"] else 0
+    print(f"figures: {len(drawn)} drawn, {len(skipped)} skipped, {len(failed)} failed, into {R.rel(out)} in "
+          f"{time.perf_counter() - t0:.1f}s")
+    return 1 if failed or (skipped and opts["strict"]) else 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 Records, per point: saved-for-backward bytes by op kind (``actcomp.saved_bytes``; on meta, or on cpu for
 device=cpu; not available for the hook-based peers ckpt/int8/offload, noted in ``saved_note``) and the peak
 of a full step with its breakdown (``actcomp.memory.step_memory``: predicted on meta, measured on cpu, measured
-+ predicted on cuda). Results: results/memory/<sweep>.csv (see benchmarks/sweep.py for the layout).
++ predicted on cuda). Results: <out_dir>/memory/<sweep>.csv, out_dir=scratch by default (see benchmarks/sweep.py for the layout).
 """
 from __future__ import annotations
 

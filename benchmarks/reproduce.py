@@ -4,6 +4,7 @@
     python -m benchmarks.reproduce quick=true       # toy scale into results-quick/ (never touches results/)
     python -m benchmarks.reproduce data.root=/data/imagenet     # + the paper's ImageNet runs (needs CUDA)
     python -m benchmarks.reproduce stages=timeline,figures force=true dry_run=true
+    python -m benchmarks.reproduce verify=true      # re-run into scratch/ and compare with results/ (benchmarks/verify.py)
 
 Options (key=value):
   quick=false       toy scale: tiny timm models, small batches, 2 epochs on a data subset; results-quick/
@@ -15,6 +16,10 @@ Options (key=value):
   logger=           W&B mode for the apps that log (offline by default; quick: disabled)
   dry_run=false     print each stage's command and what would be skipped, run nothing
   fork=true         start each stage from a pre-imported process (fork; saves ~10 s of imports per stage)
+  verify=false      re-run the stages into out= (default scratch/verify-<time>/) and compare every committed
+                    CSV with its re-run, number by number (tolerances: conf/verify.yaml); exit 1 if any differs
+  reference=        verify: the committed results to compare with (default results/, quick: results/quick/)
+  compare_only=false  verify: compare an existing out= folder again, run nothing
 
 Each stage is one app of ``benchmarks/``; the driver only orders them, says which stage k/n is running and for
 how long, skips what is done (the Hydra sweeps skip recorded points by themselves; every other stage is skipped
@@ -76,7 +81,9 @@ def train_callback_args(experiment: str | None, out: Path, targets: str | None =
 
 def plan(o: dict) -> list[Stage]:
     R: Path = o["out"]
-    H = R / "outputs" if o["quick"] else REPO / "outputs"  # Hydra's per-job dirs (quick: inside results-quick/)
+    # Hydra's per-job dirs: outputs/ for results/, else inside the results root, so that a run into another
+    # folder (quick, verify) never resumes the training runs of results/
+    H = REPO / "outputs" if R.resolve() == (REPO / "results").resolve() else R / "outputs"
     q = o["quick"]
     lg = [f"logger={o['logger']}"] if o["logger"] else []
     sweep_common = [f"out_dir={R}", f"hydra_dir={H}", *lg] + (["hydra/launcher=basic"] if q else [])
@@ -139,6 +146,11 @@ def plan(o: dict) -> list[Stage]:
                    "benchmarks.whole_set", [*(["quick=true"] if q else []), f"out_dir={ws}",
                                             f"hydra.run.dir={H}/whole_set"],
                    [ws / "peak.csv", ws / "speed.csv", ws / "cosine.csv"]))
+
+    # 7b. per-op exactness against native PyTorch (README "Exactness, per op"); seconds, same at every scale
+    ex = R / "exactness"
+    S.append(Stage("exactness", "per-op forward/gradient error vs native (README exactness table)",
+                   "benchmarks.exactness", [f"out_dir={ex}", f"hydra.run.dir={H}/exactness"], [ex / "exactness.csv"]))
 
     # 8. memory over one step (figure 9)
     tl = (["model=test_resnet", "batch_size=8", "img_size=64"] if q else ["model=resnet18", "batch_size=64"])
@@ -262,13 +274,22 @@ class Heartbeat:
 
 def parse(argv: list[str]) -> dict:
     o = parse_kv(argv, dict(quick="false", out="", force="false", stages="", paper="auto", logger="",
-                            dry_run="false", fork="true", heartbeat="60", **{"data.root": ""}), __doc__)
+                            dry_run="false", fork="true", heartbeat="60", verify="false", reference="",
+                            compare_only="false", **{"data.root": ""}), __doc__)
 
     res = dict(quick=flag(o, "quick"), force=flag(o, "force"), dry_run=flag(o, "dry_run"),
                fork=flag(o, "fork") and hasattr(os, "fork"))
+    res["verify"], res["compare_only"] = flag(o, "verify"), flag(o, "compare_only")
+    if not res["verify"] and (o["reference"] or res["compare_only"]):
+        raise ValueError("reference= and compare_only= belong to verify=true")
+    if res["verify"]:
+        _verify_paths(o, res)
     res["out"] = Path(o["out"] or ("results-quick" if res["quick"] else "results")).expanduser()
     if not res["out"].is_absolute():
         res["out"] = Path.cwd() / res["out"]
+    if res["verify"] and (_inside(res["out"], REPO / "results") or _inside(res["out"], res["reference"])):
+        raise ValueError(f"verify never writes into results/ or the reference; out={o['out']} is inside one "
+                         f"(default: scratch/verify-<time>/)")
     if res["quick"] and res["out"].resolve() == (REPO / "results").resolve():
         raise ValueError("quick=true never writes into results/; pick another out= (default results-quick/)")
     p = o["paper"].strip().lower()
@@ -296,12 +317,36 @@ def parse(argv: list[str]) -> dict:
     return res
 
 
+def _inside(p: Path, root: Path | None) -> bool:
+    if root is None:
+        return False
+    p, root = p.resolve(), root.resolve()
+    return p == root or root in p.parents
+
+
+def _verify_paths(o: dict, res: dict) -> None:
+    """verify=true: the committed reference to compare with, and a fresh scratch folder for the re-run."""
+    ref = Path(o["reference"] or ("results/quick" if res["quick"] else "results")).expanduser()
+    res["reference"] = ref if ref.is_absolute() else (Path.cwd() if o["reference"] else REPO) / ref
+    if not res["reference"].is_dir():
+        raise ValueError(f"reference={res['reference']}: no such folder (the committed results to compare with)")
+    if res["compare_only"] and not o["out"]:
+        raise ValueError("compare_only=true needs out=<an earlier verify folder>")
+    if not o["out"]:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        o["out"] = str(REPO / "scratch" / f"verify-{'quick-' if res['quick'] else ''}{stamp}")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         o = parse(sys.argv[1:] if argv is None else argv)
     except ValueError as e:
         print(f"reproduce: {e}", file=sys.stderr)
         return 2
+    if o["verify"]:
+        from .verify import run_verify
+
+        return run_verify(o)
     stages = plan(o)
     names = [s.name for s in stages]
     unknown = [s for s in o["stages"] if s not in names]
@@ -358,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     w = max(len(r[0]) for r in report) if report else 5
     for name, status, dt, why in report:
         print(f"  {name:<{w}}  {status:<8} {_fmt(dt):>8}  {why}")
-    if not o["dry_run"]:
+    # Only a run that measured something is logged: a rerun that skips every stage (and redraws the figures
+    # byte for byte) leaves the committed files as they were.
+    if not o["dry_run"] and any(r[1] in ("ok", "FAILED") and r[0] != "figures" for r in report):
         _log_stage_times(o["out"], scale, started, report, total)
     failed = [r[0] for r in report if r[1] == "FAILED"]
     if failed:

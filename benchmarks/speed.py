@@ -5,7 +5,7 @@
 
 ``actcomp.speed.compare_step_times`` runs `none` and this point's preset side by side, interleaved step by
 step (rotating which goes first), after warm-up; CUDA-synchronised on GPU. Records the median step time,
-images/s and the ratio to `none` (above 1: slower). Results: results/speed/<sweep>.csv.
+images/s and the ratio to `none` (above 1: slower). Results: <out_dir>/speed/<sweep>.csv (scratch/ by default).
 """
 from __future__ import annotations
 

@@ -1,19 +1,21 @@
 """Sweep plumbing shared by the memory, speed and fit apps: one record per point, skip-on-rerun, one CSV per sweep.
 
-Layout (``out_dir`` = ``results`` by default, relative to where the command was started)::
+Layout (``out_dir`` = ``scratch``, a git-ignored folder, by default, relative to where the command was started;
+only ``make reproduce`` or an explicit ``out_dir=results`` writes the published ``results/``)::
 
-    results/<app>/<sweep>/<point>.json   one record per point: the done-index. <point> = config_hash of the
-                                         resolved config without logger/hydra/force/out_dir/hydra_dir/sweep
-    results/<app>/<sweep>.csv            the tidy table, rebuilt from the records after every run
+    <out_dir>/<app>/<sweep>/<point>.json   one record per point: the done-index. <point> = config_hash of the
+                                           resolved config without logger/hydra/force/out_dir/hydra_dir/sweep
+    <out_dir>/<app>/<sweep>.csv            the tidy table, rebuilt from the records after every run
     outputs/<app>/<sweep>/.../summary.json   every job's own summary in its Hydra output dir
 
 Single run vs multirun (decided from Hydra's run mode):
 
 * single run (no ``-m``): any failure (bad input, out of memory, error) prints ONE line on stderr and exits
-  non-zero (2: bad input, 1: out of memory or another failure); nothing under ``results/`` is written.
+  non-zero (2: bad input, 1: out of memory or another failure); nothing under ``out_dir`` is written.
 * multirun (``-m``): a failing point is recorded with ``status`` (``oom`` or ``error``) and a one-line
-  ``message``, and the sweep goes on. Bad input on the command line itself (an unknown config-group option,
-  an unwritable ``out_dir``) stops the sweep before any point runs.
+  ``message``, and the sweep goes on; it ends with a line saying how many points failed and exits 1 when
+  any point ended in ``error`` (``oom`` is an answer, not a failure). Bad input on the command line itself
+  (an unknown config-group option, an unwritable ``out_dir``) stops the sweep before any point runs.
 
 Re-runs skip points whose record says ``ok`` or ``oom`` (a definite answer); ``error`` points are tried again;
 ``force=true`` measures everything again. Every file is written to a temporary name and ``os.replace``-d, so a
@@ -84,9 +86,15 @@ class _suppress:
         return exc[0] is not None and issubclass(exc[0], OSError)
 
 
-def ensure_writable(folder: Path) -> Path:
-    """Create ``folder`` if needed and prove it is writable; OutputError (one line) otherwise."""
+def ensure_writable(folder: Path, keep: bool = False) -> Path:
+    """Prove ``folder`` is writable (creating it for the test); OutputError (one line) otherwise.
+
+    Unless ``keep``, folders created only for the test are removed again, so a run that then fails leaves no
+    empty ``<out_dir>/<app>/<sweep>/`` behind; the writers create them when they really write (atomic_write).
+    A multirun keeps them (every point leaves a record), so parallel workers never race a removal.
+    """
     folder = Path(folder)
+    created = [] if keep else [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-test.")
@@ -94,6 +102,10 @@ def ensure_writable(folder: Path) -> Path:
         os.unlink(tmp)
     except OSError as e:
         raise OutputError(f"output dir {folder} is not writable ({e.strerror or e})") from None
+    finally:
+        for p in created:  # deepest first; one a concurrent job filled stays
+            with _suppress():
+                p.rmdir()
     return folder
 
 
@@ -196,6 +208,12 @@ def check_common(cfg: DictConfig, batch: bool = True) -> None:
     if batch:
         _int("batch_size")
     _int("img_size")
+    for key in ("channels_last", "saved_by_op"):  # a string like "maybe" would count as true (amp, dtype: actcomp)
+        if key in cfg and not isinstance(cfg.get(key), bool):
+            raise BenchError(f"{key}={cfg.get(key)!r}: use true or false")
+    for key, lo in (("warmup", 0), ("iters", 1)):
+        if key in cfg:
+            _int(key, lo)
     dev = str(cfg.device.name)
     if dev.split(":")[0] not in ("meta", "cpu", "cuda"):
         raise BenchError(f"device.name={dev!r}: use device=meta, device=cpu or device=cuda")
@@ -236,6 +254,8 @@ def run_point(cfg: DictConfig, measure: Callable[[DictConfig], dict], display: t
         ensure_writable(rec_dir)  # before any work: a result that cannot be kept is not worth measuring
     except OutputError as e:
         _die(app, str(e), 2)
+    if not isinstance(cfg.get("force", False), bool):  # "maybe" would silently redo a whole sweep
+        _die(app, f"force={cfg.get('force')!r}: use true or false", 2)
     key = point_key(cfg)
     rec_path = rec_dir / f"{key}.json"
     prev = read_record(rec_path)
@@ -291,11 +311,20 @@ def _log_wandb(cfg: DictConfig, record: dict) -> None:
     try:
         with wandb_run(c, job_type=record["app"], name=f"{record['app']}-{record['sweep']}-{record['point']}") as run:
             if run is not None:
-                log_metrics(run, record["metrics"])
+                log_metrics(run, wandb_metrics(str(cfg.device.name), record["metrics"]))
                 run.summary.update(dict(status=record["status"], message=record["message"], point=record["point"],
                                         elapsed_s=record["elapsed_s"], **record["provenance"]))
     except Exception as e:  # noqa: BLE001
         print(f"{record['app']}: W&B logging skipped: {one_line(e)}", file=sys.stderr)
+
+
+def wandb_metrics(device: str, metrics: dict) -> dict:
+    """Metrics under their W&B names: on device=meta every byte count is a prediction, and the key says so
+    (``peak_bytes`` -> ``predicted_peak_bytes``); the CSV keeps its columns (its ``method`` column says it)."""
+    if device != "meta":
+        return dict(metrics)
+    return {(f"predicted_{k}" if k.endswith("_bytes") and not k.startswith("predicted_") else k): v
+            for k, v in metrics.items() if not (k.startswith("predicted_") and v is None)}
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -348,12 +377,36 @@ def _sort_key(col):
     return num if num.notna().all() else col.astype(str)
 
 
+RECORD_KEYS = ("point", "app", "sweep", "status")
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def bad_record(r: dict | None) -> str | None:
+    """Why a record cannot be aggregated (None if it can): unreadable (e.g. truncated) or keys missing."""
+    if r is None:
+        return "unreadable (truncated or not JSON)"
+    if not isinstance(r, dict):
+        return "not a JSON object"
+    lack = [k for k in RECORD_KEYS if k not in r]
+    return f"lacks key(s) {', '.join(lack)}" if lack else None
+
+
 def load_records(rec_dir: Path) -> list[dict]:
+    """Every record of a sweep; one that cannot be used is left out with a warning, never silently."""
     out = []
     for p in sorted(Path(rec_dir).glob("*.json")):
         r = read_record(p)
-        if r is not None and "point" in r and p.stem == r["point"]:
-            out.append(r)
+        why = bad_record(r)
+        if why is None and p.stem != r["point"]:
+            why = f"names point {r['point']!r}, not its file name"
+        if why:
+            _warn(f"{p}: {why}; left out of {Path(rec_dir).with_suffix('.csv').name} (rerun that point or delete "
+                  f"the file)")
+            continue
+        out.append(r)
     return out
 
 
@@ -409,7 +462,11 @@ def collect(paths: list[Path], out_dir: Path | None = None, quiet: bool = False)
             raise BenchError(f"{root}: no such directory")
         for s in sorted(root.rglob("summary.json")):
             rec = read_record(s)
-            if not rec or "point" not in rec or not rec.get("recorded"):
+            why = bad_record(rec)
+            if why:
+                _warn(f"{s}: {why}; skipped")
+                continue
+            if not rec.get("recorded"):
                 continue  # e.g. a failed single run: reported on stderr, never part of the results
             base = Path(out_dir) if out_dir is not None else None
             if base is None:
@@ -434,7 +491,7 @@ def collect(paths: list[Path], out_dir: Path | None = None, quiet: bool = False)
 
 
 def _out_dir_of(summary_path: Path) -> Path:
-    """out_dir of the job that wrote ``summary_path`` (from its .hydra/config.yaml), else ./results."""
+    """out_dir of the job that wrote ``summary_path`` (from its .hydra/config.yaml), else ./scratch."""
     cfg_file = summary_path.parent / ".hydra" / "config.yaml"
     hydra_file = summary_path.parent / ".hydra" / "hydra.yaml"
     try:
@@ -443,7 +500,7 @@ def _out_dir_of(summary_path: Path) -> Path:
         p = Path(out)
         return p if p.is_absolute() else Path(cwd) / p
     except Exception:  # noqa: BLE001
-        return Path("results").resolve()
+        return Path("scratch").resolve()
 
 
 def _counts(statuses: list[str]) -> str:
@@ -480,8 +537,10 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def preflight(argv: list[str]) -> str | None:
-    """Check config-group choices on the command line (Hydra would print a multi-line error). None if fine."""
+def preflight(argv: list[str], groups: tuple[str, ...] = GROUPS) -> str | None:
+    """Check config-group choices on the command line (Hydra would print a multi-line error). None if fine.
+
+    ``groups``: the config groups of the app (conf/<group>/*.yaml are the choices)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -494,7 +553,7 @@ def preflight(argv: list[str]) -> str | None:
         except HydraException as e:
             return f"cannot parse override {arg!r}: {one_line(e)}"
         key = o.key_or_group
-        if key not in GROUPS or o.is_delete():
+        if key not in groups or o.is_delete():
             continue
         vals = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         opts = group_options(key) + (["basic", "joblib", "submitit_local", "submitit_slurm"]
@@ -544,6 +603,27 @@ except ImportError:  # pragma: no cover
     Callback = object
 
 _BARS: dict[int, Any] = {}  # (tqdm bar, stop event, poll thread) of the launcher process; never pickled
+_STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # SIGINT already aborts joblib, which then kills its workers
+
+
+def kill_joblib_workers(signum: int, frame: Any = None) -> None:
+    """Signal handler of a joblib sweep's launcher: kill the loky workers, then exit.
+
+    Without it, a ``kill`` of the launcher leaves its workers running their points and writing into the run
+    dirs and records after the sweep was stopped (records are atomic, so killing a worker loses no file).
+    """
+    try:
+        from joblib.externals.loky import reusable_executor
+
+        ex = reusable_executor._executor
+        if ex is not None:
+            ex.shutdown(wait=False, kill_workers=True)
+    except Exception:  # noqa: BLE001  exit all the same
+        pass
+    import signal
+
+    print(f"sweep stopped by {signal.Signals(signum).name}; worker processes killed", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
 
 
 class CollectCallback(Callback):
@@ -559,10 +639,10 @@ class CollectCallback(Callback):
         self.swept: list[str] = []
 
     # -- start: refuse an unwritable results folder before any point runs (one line, exit 2)
-    def _check_out(self, config: DictConfig, run_dir: str) -> None:
+    def _check_out(self, config: DictConfig, run_dir: str, keep: bool = False) -> None:
         app = config.get("app", "bench")
         try:
-            ensure_writable(sweep_paths(abs_path(config.out_dir), app, str(config.sweep))[0])
+            ensure_writable(sweep_paths(abs_path(config.out_dir), app, str(config.sweep))[0], keep=keep)
             ensure_writable(abs_path(run_dir).parent)
         except OutputError as e:
             _die(app, str(e), 2)
@@ -571,11 +651,13 @@ class CollectCallback(Callback):
         self._check_out(config, config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check_out(config, config.hydra.sweep.dir)
+        self._check_out(config, config.hydra.sweep.dir, keep=True)
         import threading
 
         from tqdm import tqdm
 
+        if "joblib" in str(config.hydra.launcher.get("_target_", "")).lower():
+            self._install_stop_handlers()
         self.pid, self.n = os.getpid(), count_points(config)
         self.swept = swept_keys(config)
         bar = tqdm(total=self.n, desc=f"{config.app}/{config.sweep}", unit="point", file=sys.stderr,
@@ -603,7 +685,23 @@ class CollectCallback(Callback):
         if entry is not None:  # the launcher process; in joblib/submitit workers the bar's poller counts it
             entry[0].set_postfix_str(f"{status}: {label}"[:70], refresh=False)
 
+    def _install_stop_handlers(self) -> None:
+        import signal
+        import threading
+
+        self._old_handlers = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for name in _STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._old_handlers[sig] = signal.signal(sig, kill_joblib_workers)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        import signal
+
+        for sig, h in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, h)
         sweep_dir = Path(config.hydra.sweep.dir)
         entry = _BARS.pop(os.getpid(), None)
         if entry is not None:
@@ -627,8 +725,18 @@ class CollectCallback(Callback):
         except OutputError as e:
             _die(app, str(e), 2)
         print(console_table(summaries))
-        print(f"{app}/{sweep}: this run {len(summaries)} points ({_counts([_status(s) for s in summaries])}); "
+        statuses = [_status(s) for s in summaries]
+        print(f"{app}/{sweep}: this run {len(summaries)} points ({_counts(statuses)}); "
               f"{csv_path} now holds {len(df)} points")
+        if summaries and all(st == "skipped" for st in statuses):
+            print(f"{app}/{sweep}: every point was already done in {rec_dir}; nothing measured. To measure again "
+                  f"add force=true, or write elsewhere with out_dir=<folder>")
+        failed = statuses.count("error")
+        if self.n > len(summaries):  # multirun only (self.n is 0 otherwise)
+            failed += self.n - len(summaries)  # jobs that died before writing their summary
+        if failed:
+            _die(app, f"{failed} of {max(len(summaries), self.n)} points failed (status error; see the message column of "
+                      f"{csv_path}); a rerun retries them", 1)
 
 
 def _advance(bar, sweep_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """Per-layer conv table of the study + whole-model saved-for-backward bytes per preset, against both baselines.
 
-    python -m benchmarks.table                       # resnet18, batch 32, 224 px -> results/table/
+    python -m benchmarks.table                       # resnet18, batch 32, 224 px -> scratch/table/
+    python -m benchmarks.table out_dir=results/table     # the published CSVs (what make reproduce runs)
     python -m benchmarks.table model=resnet50 batch_size=8 device=meta
 """
 from __future__ import annotations
@@ -10,23 +11,39 @@ from pathlib import Path
 import hydra
 import pandas as pd
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 import actcomp
 from actcomp.memory import build_model
 from actcomp.provenance import provenance
 
 from .common import atomic_write_csv, fail
-from .sweep import CONF_DIR, cli
+from .sweep import CONF_DIR, BenchError, check_block, cli
 
 MIB = 2.0**20
 
 
+def _positive_int(cfg: DictConfig, key: str) -> int:
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise BenchError(f"{key} must be >= 1 (an integer), got {v!r}")
+    return v
+
+
 def measure(cfg: DictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    if cfg.batch_size < 1:
-        raise actcomp.ActcompError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    for p in cfg.presets:
-        actcomp.get_preset(p)
+    _positive_int(cfg, "batch_size")
+    img = _positive_int(cfg, "img_size")
+    presets, blocks = cfg.get("presets"), cfg.get("blocks")
+    if not isinstance(presets, ListConfig) or not presets:
+        raise BenchError(f"presets={presets!r}: give a list of presets, e.g. presets=[none,pool4]")
+    if not isinstance(blocks, ListConfig) or not blocks or any(
+            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
+        raise BenchError(f"blocks={blocks!r}: give a list of block sizes >= 1, e.g. blocks=[2,4]")
+    for p in presets:
+        check_block(img, p)  # as memory/speed/fit: an image smaller than a preset's block is refused
+    if img < max(blocks):
+        raise BenchError(f"img_size={img} is smaller than the {max(blocks)}x{max(blocks)} block of blocks={list(blocks)}; "
+                         f"use img_size >= {max(blocks)}")
     torch.manual_seed(0)
     name, device = cfg.model.name, cfg.device.name
     model = build_model(name, num_classes=cfg.model.get("num_classes", 1000), device=device)
@@ -62,7 +79,7 @@ def main(cfg: DictConfig) -> None:
         stem = f"{cfg.model.name}_b{cfg.batch_size}_{cfg.img_size}px"
         atomic_write_csv(layers, out / f"{stem}_conv_layers.csv")
         atomic_write_csv(totals, out / f"{stem}_saved_bytes.csv")
-    except (actcomp.ActcompError, OSError, RuntimeError, ValueError) as e:  # e.g. BatchNorm at batch 1 / tiny image
+    except (actcomp.ActcompError, BenchError, OSError, RuntimeError, ValueError) as e:  # e.g. BatchNorm at batch 1 / tiny image
         fail(e)
     with pd.option_context("display.width", 160, "display.max_rows", 100, "display.float_format", "{:.2f}".format):
         print(layers.drop(columns=[c for c in layers if c in provenance("cpu")]).to_string(index=False))

@@ -1,7 +1,8 @@
 """Memory over one training step (figure 9): bytes allocated after every op for a few presets, one CSV.
 
-    python -m benchmarks.timeline                       # resnet18, batch 64, 224 px -> results/timeline/resnet18_b64.csv
-    python -m benchmarks.timeline model=resnet50 batch_size=32 device=cpu img_size=64
+    python -m benchmarks.timeline                       # resnet18, batch 64, 224 px -> scratch/timeline/resnet18_b64.csv
+    python -m benchmarks.timeline out_dir=results/timeline   # the published CSV (what make reproduce runs)
+    python -m benchmarks.timeline model=resnet50 batch_size=32 device=cpu img_size=64   # measured on CPU
     python -m benchmarks.timeline model.name=<any timm model>
 
 Columns: model, preset, batch_size, img_size, method, op_index, op, phase, allocated_bytes + provenance
@@ -9,32 +10,39 @@ Columns: model, preset, batch_size, img_size, method, op_index, op, phase, alloc
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 import actcomp
 from actcomp.provenance import provenance
 from actcomp.timeline import step_timeline
 
 from .common import atomic_write_csv, fail
+from .sweep import BenchError, check_block, cli
 
 MIB = 2.0**20
 
 
 def measure(cfg: DictConfig) -> pd.DataFrame:
+    for key in ("batch_size", "img_size"):
+        v = cfg.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise BenchError(f"{key}={v!r}: must be an integer >= 1")
+    if not isinstance(cfg.get("presets"), ListConfig) or not cfg.presets:
+        raise BenchError(f"presets={cfg.get('presets')!r}: give a list, e.g. presets=[none,pool2,full4]")
     presets = list(cfg.presets)
-    if not presets:
-        raise actcomp.ActcompError("presets is empty; give e.g. presets=[none,pool2,full4]")
     for p in presets:
-        actcomp.get_preset(p)
-    method = {"meta": "memtracker-meta (predicted)", "cpu": "memtracker-cpu (measured)"}.get(str(cfg.device))
+        check_block(cfg.img_size, p)  # also rejects an unknown preset (actcomp's one line)
+    device = str(cfg.device.name)
+    method = {"meta": "memtracker-meta (predicted)", "cpu": "memtracker-cpu (measured)"}.get(device)
+    if method is None:
+        raise BenchError(f"device={device!r}: the timeline runs on device=meta (predicted) or device=cpu (measured)")
     frames = []
     for p in presets:
-        df = step_timeline(cfg.model.name, cfg.batch_size, img_size=cfg.img_size, preset=p, device=cfg.device,
+        df = step_timeline(cfg.model.name, cfg.batch_size, img_size=cfg.img_size, preset=p, device=device,
                            optimizer=cfg.optimizer, num_classes=cfg.model.num_classes,
                            in_chans=cfg.model.in_chans)
         df.insert(0, "model", cfg.model.name)
@@ -44,7 +52,7 @@ def measure(cfg: DictConfig) -> pd.DataFrame:
         df.insert(4, "method", method)
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)
-    prov = provenance(cfg.device)
+    prov = provenance(device)
     for k, v in dict(git_sha=prov["git_sha"], torch_version=prov["torch"], timm_version=prov["timm"],
                      python_version=prov["python"], device_name=prov["device"], date=prov["date"]).items():
         out[k] = v
@@ -57,7 +65,7 @@ def main(cfg: DictConfig) -> None:
         df = measure(cfg)
         path = Path(hydra.utils.to_absolute_path(cfg.out_dir)) / f"{cfg.model.name}_b{cfg.batch_size}.csv"
         atomic_write_csv(df, path)
-    except (actcomp.ActcompError, OSError) as e:
+    except (actcomp.ActcompError, BenchError, OSError) as e:
         fail(e)
     peaks = df.groupby("preset", sort=False).agg(ops=("op_index", "size"), peak_mib=("allocated_bytes", "max"))
     peaks["peak_mib"] /= MIB
@@ -66,4 +74,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli("timeline", main)

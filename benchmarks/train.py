@@ -7,8 +7,11 @@
     torchrun --nproc_per_node=4 -m benchmarks.train experiment=...        # DDP (one process per GPU)
 
 Each job writes into its Hydra output dir: ``history.csv`` (one row per epoch, rewritten after every epoch),
-``grad_cosine.csv`` (with ``grad_cosine=true``), ``checkpoint.pt`` (every epoch; ``resume=true`` continues it)
-and ``summary.json``. Every epoch is also logged to W&B (offline unless ``logger.mode=online``).
+``grad_cosine.csv`` (with ``grad_cosine=true``), ``checkpoint.pt`` (every epoch; ``resume=true`` continues it),
+``summary.json`` and ``train.log`` (the console lines with timestamps). A run ends by printing its final and best
+accuracy, the time to each target and where its files went. Every epoch is also logged to W&B (offline unless
+``logger.mode=online``; runs grouped by sweep, named ``<preset> <model> s<seed>`` plus the other swept keys; the
+summary holds time-to-accuracy, and a CollectTrain sweep adds a ``collect`` run with the overhead ratios).
 A multirun with the :class:`CollectTrain` callback (the experiments set it) ends by writing one tidy CSV of every
 epoch of every run, a summary with time-to-accuracy and overhead against the baseline run, and the cosines.
 Bad input: one line on stderr (``error: ...``), exit status 2.
@@ -16,6 +19,7 @@ Bad input: one line on stderr (``error: ...``), exit status 2.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,8 +36,20 @@ from actcomp import ActcompError
 from actcomp.data import build_data
 from actcomp.training import EPOCH_COLUMNS, TrainConfig, cpu_numerics, overhead_table, pin_cpu_numerics, train
 
-from .common import PROVENANCE_COLS, atomic_write, config_hash, log_metrics, provenance_row, wandb_run
-from .sweep import BenchError, compression_spec
+from .common import (
+    PROVENANCE_COLS,
+    SWEPT_ENV,
+    atomic_write,
+    config_hash,
+    log_metrics,
+    provenance_row,
+    wandb_run,
+)
+from .sweep import GROUPS, BenchError, check_block, compression_spec, preflight
+
+# Hydra sends this logger to the console and to <run dir>/train.log (the console format: conf/train.yaml).
+log = logging.getLogger("benchmarks.train")
+TRAIN_GROUPS = (*GROUPS, "data", "optim")
 
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
 
@@ -50,6 +66,74 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 def _container(x):
     return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) or OmegaConf.is_list(x) else x
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Scalar keys a typo would otherwise turn into a traceback deep inside training (one line each)."""
+    def _int(key, lo, none_ok=False):
+        v = cfg.get(key)
+        if v is None and none_ok:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise BenchError(f"{key}={v!r}: must be an integer >= {lo}" + (" or null" if none_ok else ""))
+
+    _int("seed", 0)
+    _int("epochs", 1)
+    _int("batch_size", 1)
+    _int("num_workers", 0)
+    for key in ("eval_batch_size", "epoch_samples", "threads", "stop_after_epoch"):
+        _int(key, 1, none_ok=True)
+    ls = cfg.get("label_smoothing")
+    if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0 <= ls < 1:
+        raise BenchError(f"label_smoothing={ls!r}: must be a number in [0, 1)")
+    t = _container(cfg.get("targets"))
+    if not isinstance(t, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in t):
+        raise BenchError(f"targets={t!r}: must be a list of numbers (val top-1 %), e.g. targets=[85,90]")
+
+
+def _timestamped() -> bool:
+    """Whether this job's output dir is named after the time it started (then it never holds a checkpoint)."""
+    hc = HydraConfig.get()
+    raw = OmegaConf.to_container(hc.sweep if _multirun() else hc.run, resolve=False)
+    return any("${now:" in str(v) for v in raw.values())
+
+
+def _multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def wandb_group(sweep_dir: str, hydra_dir: str, name: str) -> str:
+    """The W&B group of a sweep: its folder below hydra_dir (train/<name>/multirun-<time>, train/<name>)."""
+    try:
+        return Path(sweep_dir).resolve().relative_to(Path(hydra_dir).resolve()).as_posix()
+    except ValueError:
+        return f"train/{name}/{Path(sweep_dir).name}"
+
+
+def _run_name(preset: str, model: str, seed: int) -> str:
+    """``pool4 resnet18 s0``, plus the other keys this sweep varies (``pool4 resnet18 s0 optim.lr=0.05``)."""
+    name = f"{preset} {model} s{seed}"
+    if _multirun():
+        swept = set(filter(None, os.environ.get(SWEPT_ENV, "").split(","))) - {"compression", "model", "model.name",
+                                                                                "seed"}
+        name += "".join(f" {o}" for o in HydraConfig.get().overrides.task
+                        if o.split("=", 1)[0].lstrip("+~") in swept)
+    return name
+
+
+def _wandb_metrics(row: dict) -> dict:
+    """Epoch/summary numbers for W&B; the peak key says what the number is (on CPU it is a prediction)."""
+    src = str(row.get("peak_mem_source") or "")
+    out = {k: v for k, v in row.items() if k != "peak_mem_mib"}
+    if "peak_mem_mib" in row:
+        if src.startswith("predicted"):
+            out["predicted_step_peak_mib"] = row["peak_mem_mib"]
+        elif src.startswith("cuda"):
+            out["cuda_max_allocated_mib"] = row["peak_mem_mib"]
+        # else: the saved-for-backward fallback, already logged as saved_mib
+    return out
 
 
 def train_config(cfg: DictConfig, ckpt: Path | None) -> TrainConfig:
@@ -95,6 +179,7 @@ def _prepare_resume(cfg: DictConfig, out: Path) -> Path:
 
 
 def run(cfg: DictConfig) -> dict:
+    check_config(cfg)
     # First, before any tensor op (the data resize included): thread count and kernel ISA decide the run's bits.
     pin_cpu_numerics(cfg.get("cpu_isa"), int(cfg.threads) if cfg.threads else None)
     out = Path(HydraConfig.get().runtime.output_dir)
@@ -102,9 +187,19 @@ def run(cfg: DictConfig) -> dict:
     ckpt = _prepare_resume(cfg, out)
     dcfg = dict(_container(cfg.data))
     data_name = dcfg.pop("name")
+    spec = compression_spec(cfg.compression)
+    if isinstance(dcfg.get("image_size"), int):
+        check_block(dcfg["image_size"], spec)  # before loading: the same refusal as memory/speed/fit
     data = build_data(data_name, **dcfg)
+    check_block(data.image_size, spec)
     tc = train_config(cfg, ckpt)
     rank = int(os.environ.get("RANK", "0"))
+    if cfg.resume is True and not ckpt.is_file() and rank == 0:
+        # The default run dir is named after the start time, so resume=true alone never finds an earlier run.
+        hint = ("; every run gets a new timestamped dir: to continue one, pass resume=<its run dir>"
+                if _timestamped() else "")
+        print(f"note: resume=true but {out} holds no checkpoint: training from scratch{hint}",
+              file=sys.stderr, flush=True)
     run_id = config_hash(cfg, drop=("logger", "hydra", "resume", "stop_after_epoch", "progress", "hydra_dir",
                                     "name", "epochs", "targets", "num_workers", "threads", "cpu_isa"))
     static = dict(preset=tc.preset if isinstance(tc.preset, str) else tc.preset["preset"], model=tc.model,
@@ -119,16 +214,18 @@ def run(cfg: DictConfig) -> dict:
     cos_rows: list[dict] = []
     prov = provenance_row(tc.device if tc.device != "auto" else ("cuda" if _cuda() else "cpu"))
 
-    with (wandb_run(cfg, "train", name=f"{tc.model}-{static['preset']}-s{tc.seed}") if rank == 0
+    hc = HydraConfig.get()
+    group = (wandb_group(hc.sweep.dir, cfg.hydra_dir, cfg.name) if _multirun() else f"train/{cfg.name}")
+    with (wandb_run(cfg, "train", name=_run_name(static["preset"], tc.model, tc.seed), group=group) if rank == 0
           else _null()) as wb:
         def on_epoch(row: dict) -> None:
             rows[:] = [r for r in rows if r["epoch"] < row["epoch"]]  # a resume redoes epochs after its checkpoint
             rows.append({**static, **{k: v for k, v in row.items() if k in EPOCH_COLUMNS}, **prov})
             _write_csv(out / "history.csv", rows, [*RUN_COLS, *EPOCH_COLUMNS, *PROVENANCE_COLS])
-            log_metrics(wb, {k: v for k, v in row.items() if k in EPOCH_COLUMNS}, step=row["epoch"])
-            print(f"[{static['preset']}] epoch {row['epoch']}: train loss {row['train_loss']:.4f}, "
-                  f"val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%, {row['epoch_time_s']:.1f}s "
-                  f"({row['images_per_s']:.0f} img/s)", flush=True)
+            log_metrics(wb, _wandb_metrics({k: v for k, v in row.items() if k in EPOCH_COLUMNS}), step=row["epoch"])
+            log.info(f"[{static['preset']}] epoch {row['epoch']}: train loss {row['train_loss']:.4f}, "
+                     f"val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%, {row['epoch_time_s']:.1f}s "
+                     f"({row['images_per_s']:.0f} img/s)")
 
         res = train(tc, data, callback=on_epoch)
         if rank != 0:
@@ -146,8 +243,37 @@ def run(cfg: DictConfig) -> dict:
                    "data_info": data.info, "cpu_numerics": cpu_numerics(), "config": _container(cfg)}
         atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str, allow_nan=True))
         if wb is not None:
-            wb.summary.update({k: v for k, v in res.summary.items() if isinstance(v, (int, float, str))})
+            # time-to-accuracy (tta_<target>_epoch/_time_s) included; a target never reached has no key
+            wb.summary.update({k: v for k, v in _wandb_metrics(res.summary).items()
+                               if isinstance(v, (int, float, str))})
+        for line in report_lines(summary, tc.targets, out, wb):
+            log.info(line)
     return summary
+
+
+def report_lines(summary: dict, targets, out: Path, wb=None) -> list[str]:
+    """What a run ends with on the console and in train.log: accuracy, time to each target, where files went."""
+    p = f"[{summary.get('preset')}]"
+    done, planned = summary.get("epochs_done", 0), summary.get("epochs_planned")
+    if not done:
+        return [f"{p} no epoch finished", f"{p} files: {out}/"]
+    lines = [f"{p} {summary['status']} after {done}/{planned} epochs, {summary['total_elapsed_s']:.1f}s: val top-1 "
+             f"final {summary['final_val_top1']:.2f}%, best {summary['best_val_top1']:.2f}% "
+             f"(epoch {summary['best_epoch']})"]
+    tta = []
+    for t in targets:
+        e, ts = summary.get(f"tta_{t:g}_epoch"), summary.get(f"tta_{t:g}_time_s")
+        tta.append(f"{t:g}% at epoch {e} ({ts:.1f}s)" if e is not None else f"{t:g}% not reached")
+    if tta:
+        lines.append(f"{p} time to accuracy: {', '.join(tta)}")
+    files = [f for f in ("history.csv", "summary.json", "grad_cosine.csv", "checkpoint.pt", "train.log")
+             if (out / f).exists()]
+    lines.append(f"{p} files: {out}/ ({', '.join(files)})")
+    if wb is not None:
+        mode = getattr(getattr(wb, "settings", None), "mode", "")
+        where = getattr(getattr(wb, "settings", None), "sync_dir", None) or getattr(wb, "dir", "")
+        lines.append(f"{p} W&B {mode} run: {where}" + (" (upload: wandb sync <that dir>)" if mode == "offline" else ""))
+    return lines
 
 
 def _cuda() -> bool:
@@ -162,6 +288,15 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def cli() -> None:
+    """Entry point: config-group choices checked first (one line and exit 2, as the other apps), then Hydra."""
+    msg = preflight(sys.argv[1:], TRAIN_GROUPS)
+    if msg:
+        print(f"error: {msg}", file=sys.stderr)
+        raise SystemExit(2)
+    main()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -250,10 +385,45 @@ class CollectTrain(Callback):
         res = collect(runs, self.out, self.baseline, self.targets, self.deltas)
         print(f"collected {len(runs)} run(s) into {self.out}/ (epochs.csv, summary.csv)")
         s = res["summary"]
+        log_overhead_wandb(config, s, self.baseline)
         if len(s):
             show = s[s["target_kind"] == "fixed"][["preset", "target", "epoch", "epochs_ratio", "time_ratio",
                                                    "cpu_time_ratio", "final_val_top1"]]
             print(show.to_string(index=False, float_format=lambda v: f"{v:.3g}" if not math.isnan(v) else "-"))
+
+
+def overhead_summary(summary) -> dict:
+    """summary.csv rows as flat W&B summary keys: ``<preset>/<ratio>@<target>`` (target ``88`` or
+    ``baseline_best-0.5``) and ``<preset>/final_val_top1``, ``<preset>/best_val_top1``."""
+    out = {}
+    for r in summary.to_dict("records"):
+        p = r["preset"]
+        at = f"{r['target']:g}" if r["target_kind"] == "fixed" else r["target_kind"]
+        for k in ("epochs_ratio", "time_ratio", "cpu_time_ratio", "epoch", "time_s"):
+            v = r.get(k)
+            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+                out[f"{p}/{k}@{at}"] = v
+        out[f"{p}/final_val_top1"], out[f"{p}/best_val_top1"] = r["final_val_top1"], r["best_val_top1"]
+    return out
+
+
+def log_overhead_wandb(config: DictConfig, summary, baseline: str) -> None:
+    """One W&B run per collected sweep (job_type ``collect``, in the sweep's group) whose summary holds the
+    time-to-accuracy overhead of every preset against ``baseline``. A W&B problem is reported, never fatal."""
+    if not len(summary) or config.get("logger") is None:
+        return
+    c = OmegaConf.create(dict(logger=_container(config.logger), name=str(config.name), baseline=baseline))
+    group = wandb_group(config.hydra.sweep.dir, config.hydra_dir, config.name)
+    try:
+        with wandb_run(c, "collect", name=f"{config.name} overhead vs {baseline}", group=group) as wb:
+            if wb is not None:
+                import wandb
+
+                wb.summary.update(overhead_summary(summary))
+                wb.log({"overhead": wandb.Table(dataframe=summary.astype(str))})
+    except Exception as e:  # noqa: BLE001
+        print(f"train: W&B logging of the overhead skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+              file=sys.stderr)
 
 
 def collect_cli(argv: list[str]) -> int:
@@ -282,4 +452,4 @@ def collect_cli(argv: list[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "collect":
         sys.exit(collect_cli(sys.argv[2:]))
-    main()
+    cli()

@@ -128,7 +128,7 @@ def test_multirun_end_to_end_skip_and_failure(tmp_path, monkeypatch, capsys):
     # recorded with its one-line message, and the sweep finishes normally.
     before = csv.stat().st_mtime_ns
     args = ["-m", "model=test_resnet", "compression=none,pool2", "batch_size=2,0", *TINY]
-    assert run_app("memory", args, tmp_path, monkeypatch) == 0
+    assert run_app("memory", args, tmp_path, monkeypatch) == 1  # points failed: exit 1 after the sweep ends
     assert "2 skipped, 2 error" in capsys.readouterr().out
     df2 = pd.read_csv(csv)
     assert len(df2) == 6 and csv.stat().st_mtime_ns != before
@@ -209,6 +209,11 @@ BAD = [
     ("memory", ["device=gpu"], "unknown device 'gpu'"),
     ("speed", ["model=test_resnet", "device=meta"], "speed needs real compute"),
     ("fit", ["model=test_resnet", "budgets_gib=[0]"], "budgets_gib=[0]"),
+    ("fit", ["model=test_resnet", "budgets_gib=abc"], "budgets_gib='abc': give a list of positive numbers"),
+    ("fit", ["model=test_resnet", "max_batch=0"], "max_batch=0: must be an integer >= 1"),
+    ("memory", ["model=test_resnet", "force=maybe"], "force='maybe': use true or false"),
+    ("memory", ["model=test_resnet", "channels_last=maybe"], "channels_last='maybe': use true or false"),
+    ("speed", ["model=test_resnet", "iters=0"], "iters=0: must be an integer >= 1"),
 ]
 
 

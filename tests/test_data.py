@@ -126,3 +126,16 @@ def test_synthetic():
     assert d.train[0][0].shape == (1, 8, 8) and len(d.val) == 6 and d.num_classes == 3
     again = build_data("synthetic", n_train=12, n_val=6, image_size=8, channels=1, num_classes=3)
     assert torch.equal(d.train[5][0], again.train[5][0])
+
+
+def test_truncated_gzip_is_one_clear_line(tmp_path):
+    """A partial download: gzip raises EOFError deep in the reader; the user gets one line naming the file."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("t10k", 10)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    f = tmp_path / "train-images-idx3-ubyte.gz"
+    f.write_bytes(f.read_bytes()[:-200])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz is truncated or corrupt") as e:
+        build_data("fashion_mnist", root=str(tmp_path))
+    assert "\n" not in str(e.value)

@@ -78,7 +78,7 @@ def test_whole_set_cosine_runs_with_the_configured_threads(monkeypatch):
 
     seen = []
 
-    def fake(c, quick):
+    def fake(c):
         seen.append(torch.get_num_threads())
         return pd.DataFrame()
 
@@ -88,7 +88,7 @@ def test_whole_set_cosine_runs_with_the_configured_threads(monkeypatch):
     ambient = 3 if c.threads != 3 else 1
     torch.set_num_threads(ambient)
     try:
-        ws.cosines(c, True)
+        ws.cosines(c)
         assert seen == [c.threads] and torch.get_num_threads() == ambient
     finally:
         torch.set_num_threads(n)

@@ -75,7 +75,7 @@ def test_whole_set_presets_lower_the_peak_on_a_resnet():
     assert full4.peak_bytes < 0.9 * none.peak_bytes
     assert full4.after_forward_bytes < 0.3 * none.after_forward_bytes
     assert pool4.peak_bytes < none.peak_bytes
-    # Pooling conv inputs alone beats the authors' copying baseline (not necessarily native PyTorch, STUDY.md).
+    # Pooling conv inputs alone beats the authors' copying baseline (not necessarily native PyTorch).
     assert pool4.peak_bytes < authors.peak_bytes
 
 

@@ -29,6 +29,9 @@ def test_table_writes_layers_and_totals(tmp_path):
     (["batch_size=0"], "batch_size must be >= 1"),
     (["presets=[pool3]"], "unknown preset 'pool3'"),
     (["model=resnt18"], "unknown model 'resnt18'"),
+    (["batch_size=abc"], "batch_size must be >= 1 (an integer), got 'abc'"),
+    (["img_size=2", "presets=[none,pool4]"], "img_size=2 is smaller than the 4x4 pooling block of preset 'pool4'"),
+    (["img_size=3", "blocks=[4]", "presets=[none]"], "img_size=3 is smaller than the 4x4 block of blocks=[4]"),
 ])
 def test_table_bad_input_one_line_exit_2(tmp_path, args, msg):
     (tmp_path / "keep.csv").write_text("x\n1\n")

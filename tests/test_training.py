@@ -208,3 +208,116 @@ def test_collect_gives_cosine_rows_their_runs_provenance(tmp_path):
     assert list(cos["git_sha"]) == ["abc123", "abc123"] and list(cos["date"]) == ["2026-01-01"] * 2
     kept = _with_provenance(pd.DataFrame({"epoch": [1], "git_sha": ["own"]}), tmp_path)
     assert list(kept["git_sha"]) == ["own"]
+
+
+def test_app_bad_config_is_one_line_exit_2(tmp_path):
+    """A typo in a scalar key, an unknown config-group choice and an image smaller than the pooling block: one
+    line and exit 2, like the memory/speed/fit apps (not a traceback, a Hydra listing, or a run)."""
+    from hydra import compose, initialize_config_dir
+
+    from benchmarks.sweep import BenchError
+    from benchmarks.train import TRAIN_GROUPS, check_config, preflight
+
+    cases = [(["compression=pool3"], "error: unknown preset 'pool3'"),
+             (["compression=pool4", "data.image_size=2"], "error: img_size=2 is smaller than the 4x4 pooling block")]
+    for i, (extra, start) in enumerate(cases):
+        r = _app([*TINY, *extra, "epochs=1", f"hydra.run.dir={tmp_path / str(i)}"])
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(start), (extra, r.returncode, r.stderr)
+        assert not (tmp_path / str(i) / "history.csv").exists()
+    # the same paths in-process (main turns a BenchError into one line and exit 2, as above)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")  # Hydra noise
+    assert preflight(["optim=sgd_cosin"], TRAIN_GROUPS).startswith("unknown optim 'sgd_cosin'")
+    assert preflight(["data=fmnist"], TRAIN_GROUPS).startswith("unknown data 'fmnist'")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        for bad, msg in (("seed=abc", "seed='abc': must be an integer >= 0"),
+                         ("threads=0", "threads=0: must be an integer >= 1 or null"),
+                         ("targets=[a]", "targets=['a']: must be a list of numbers")):
+            with pytest.raises(BenchError, match=msg.replace("[", r"\[")):
+                check_config(compose("train", overrides=[*TINY, bad]))
+        check_config(compose("train", overrides=TINY))
+
+
+def test_app_end_report_train_log_and_resume_note(tmp_path):
+    """Each run ends with accuracy, time to each target and where its files are, also in train.log; resume=true
+    in a new (timestamped) dir says that it starts from scratch; a sweep over a key that is not part of the run
+    dir's name (optim.lr) still gives every run its own dir."""
+    r = _app(["-m", *TINY, "epochs=2", "targets=[1,99.5]", f"hydra_dir={tmp_path}", "resume=true",
+              "optim.lr=0.05,0.1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    (sweep,) = (tmp_path / "train" / "adhoc").iterdir()
+    runs = sorted(sweep.glob("*/summary.json"))
+    assert len(runs) == 2 and r.stderr.count("from scratch") == 2
+    assert "note: resume=true but" in r.stderr and "resume=<its run dir>" in r.stderr
+    for f in runs:
+        run, s = f.parent, json.loads(f.read_text())
+        assert f"final {s['final_val_top1']:.2f}%, best {s['best_val_top1']:.2f}%" in r.stdout
+        assert f"files: {run}/ (history.csv, summary.json, checkpoint.pt, train.log)" in r.stdout
+        logged = (run / "train.log").read_text()
+        assert "epoch 2: train loss" in logged and "time to accuracy: 1% at epoch 1" in logged
+        assert "99.5% not reached" in logged and "files:" in logged
+
+
+def test_resume_with_more_epochs_keeps_or_refuses_the_schedule(tiny_data, tmp_path):
+    """A cosine schedule is fitted to the run's length: more epochs on resume would train at its minimum rate,
+    so that is refused; a step schedule does not depend on the length and continues as if planned so."""
+    ck = str(tmp_path / "c.pt")
+    train(_tiny_cfg(ckpt_path=ck, epochs=2, model_kwargs={}), tiny_data)
+    with pytest.raises(TrainError, match="2-epoch cosine schedule and epochs=3 would change it") as e:
+        train(_tiny_cfg(ckpt_path=ck, epochs=3, resume=True, model_kwargs={}), tiny_data)
+    assert "\n" not in str(e.value)
+    with pytest.raises(TrainError, match="already holds 2 epochs"):
+        train(_tiny_cfg(ckpt_path=ck, epochs=1, resume=True, model_kwargs={}), tiny_data)
+    state = torch.load(ck, weights_only=False)  # a checkpoint from before the length was stored
+    del state["epochs"]
+    torch.save(state, ck)
+    with pytest.raises(TrainError, match="would change it"):
+        train(_tiny_cfg(ckpt_path=ck, epochs=3, resume=True, model_kwargs={}), tiny_data)
+    same = train(_tiny_cfg(ckpt_path=ck, epochs=2, resume=True, model_kwargs={}), tiny_data)
+    assert same.finished and len(same.history) == 2
+
+    step = dict(sched="step", decay_epochs=1, decay_rate=0.5)
+    full = train(_tiny_cfg(ckpt_path=str(tmp_path / "f.pt"), epochs=3, sched=step, model_kwargs={}), tiny_data)
+    train(_tiny_cfg(ckpt_path=str(tmp_path / "s.pt"), epochs=2, sched=step, model_kwargs={}), tiny_data)
+    more = train(_tiny_cfg(ckpt_path=str(tmp_path / "s.pt"), epochs=3, sched=step, resume=True, model_kwargs={}),
+                 tiny_data)
+    assert more.summary["epochs_planned"] == 3 and [r["lr"] for r in more.history] == [0.05, 0.025, 0.0125]
+    assert [r["val_loss"] for r in more.history] == [r["val_loss"] for r in full.history]
+
+
+def test_wandb_keys_groups_names_and_overhead_summary(tmp_path, monkeypatch):
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    import benchmarks.train as bt
+    from benchmarks.common import SWEPT_ENV, WandbProbe
+    from benchmarks.train import _wandb_metrics, overhead_summary, wandb_group
+
+    # a run's W&B name: preset, model, seed and whatever else its sweep varies (the launcher records that)
+    monkeypatch.delenv(SWEPT_ENV, raising=False)
+    WandbProbe().on_multirun_start(OmegaConf.create(
+        {"hydra": {"sweeper": {"params": {"compression": "none,pool2"}}, "overrides": {"task": ["optim.lr=0.05,0.1",
+                                                                                               "epochs=2"]}},
+         "logger": {"mode": "disabled"}}))
+    job = OmegaConf.create({"mode": RunMode.MULTIRUN, "overrides": {"task": ["compression=pool2", "optim.lr=0.05",
+                                                                             "epochs=2"]}})
+    monkeypatch.setattr(bt.HydraConfig, "get", lambda: job)
+    assert bt._run_name("pool2", "resnet18", 0) == "pool2 resnet18 s0 optim.lr=0.05"
+
+    pred = _wandb_metrics(dict(epoch=1, peak_mem_mib=12.5, peak_mem_source="predicted step peak (meta)", saved_mib=3.0))
+    assert pred == dict(epoch=1, predicted_step_peak_mib=12.5, peak_mem_source="predicted step peak (meta)",
+                        saved_mib=3.0)
+    assert "peak_mem_mib" not in _wandb_metrics(dict(peak_mem_mib=3.0, peak_mem_source="saved-for-backward (accounting)"))
+    assert _wandb_metrics(dict(peak_mem_mib=7.0, peak_mem_source="cuda max_memory_allocated"))["cuda_max_allocated_mib"] == 7
+    assert wandb_group(str(tmp_path / "train" / "s" / "multirun-1"), str(tmp_path), "s") == "train/s/multirun-1"
+    assert wandb_group("/elsewhere/sweep", str(tmp_path), "s") == "train/s/sweep"
+    rows = pd.DataFrame([dict(preset="pool4", target_kind="fixed", target=88.0, epochs_ratio=1.75, time_ratio=1.9,
+                              cpu_time_ratio=2.0, epoch=7, time_s=70.0, final_val_top1=89.2, best_val_top1=89.3),
+                         dict(preset="pool4", target_kind="baseline_best-0.5", target=90.3, epochs_ratio=math.nan,
+                              time_ratio=math.nan, cpu_time_ratio=math.nan, epoch=None, time_s=None,
+                              final_val_top1=89.2, best_val_top1=89.3)])
+    s = overhead_summary(rows)
+    assert s["pool4/epochs_ratio@88"] == 1.75 and s["pool4/cpu_time_ratio@88"] == 2.0 and s["pool4/epoch@88"] == 7
+    assert s["pool4/final_val_top1"] == 89.2 and not any("baseline_best" in k for k in s)

@@ -84,7 +84,7 @@ class PooledConv2d(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.actcomp_name, ctx.kind = name, "conv input"
         if block == 1:
-            # The authors' baseline: avg_pool2d(x, 1) is a full copy of x (kept on purpose, see STUDY.md).
+            # The authors' baseline: avg_pool2d(x, 1) is a full copy of x (kept on purpose: it is the baseline the paper's savings are measured against).
             saved = F.avg_pool2d(x, 1) if copy_b1 else x
         else:
             saved = pool_blocks(x, block, mode)

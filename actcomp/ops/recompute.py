@@ -3,9 +3,9 @@
 Used for activations that need values (SiLU, GELU, Hardswish, Sigmoid, ...) and for normalization layers
 (BatchNorm, LayerNorm, GroupNorm). Forward output: exact (the original call). Gradients: those of the op
 evaluated at x̂, where |x - x̂| <= (max - min)/510 per group (see ``quant.group_shape``: an (n, c) plane,
-a token row, or a sample). Measured relative L2 gradient error on N(1, 3²) inputs: BatchNorm 0.03% (input)
-/ 0.8% (weight), LayerNorm 0.1% / 0.6%, GroupNorm 0.04% / 1%, SiLU 0.5%, GELU 0.6%, Sigmoid 0.8%,
-Hardswish 3.5% (a code can cross a kink of its derivative); tests bound these at 2% (Hardswish 6%). BatchNorm running statistics are updated exactly once, in the forward pass; the
+a token row, or a sample). Relative L2 gradient errors per op are measured by ``python -m benchmarks.exactness``
+(results/exactness/exactness.csv); tests bound them at 2% (Hardswish 6%: a code can cross a kink of its
+derivative). BatchNorm running statistics are updated exactly once, in the forward pass; the
 recomputation in backward uses batch statistics of x̂ and never touches the buffers.
 """
 from __future__ import annotations

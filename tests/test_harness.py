@@ -1,0 +1,306 @@
+"""Harness trust (issue 10): where ad-hoc runs write, one-line errors instead of tracebacks, no silent data loss,
+what figures draw and what their footers say, file modes. Tiny models, W&B off; apps run in this process."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from test_benchmarks import CONF, TINY, _results_snapshot, last_line, run_app
+
+from benchmarks import figures, sweep, whole_set
+from benchmarks.common import atomic_write
+
+pytestmark = pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema:UserWarning")
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------ 7: where runs write
+
+@pytest.mark.parametrize("app,expect", [("memory", "scratch"), ("fit", "scratch"), ("speed", "scratch"),
+                                        ("table", "scratch/table"), ("timeline", "scratch/timeline"),
+                                        ("whole_set", "scratch/whole_set")])
+def test_ad_hoc_runs_default_to_git_ignored_scratch(app, expect):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        assert compose(app).out_dir == expect
+    assert "scratch/" in (REPO / ".gitignore").read_text().split()
+
+
+def test_reproduce_writes_results_explicitly(tmp_path):
+    from benchmarks import reproduce
+
+    o = reproduce.parse(["paper=false", "dry_run=true"])
+    for st in reproduce.plan(o):
+        if st.module in ("benchmarks.memory", "benchmarks.fit", "benchmarks.speed", "benchmarks.table",
+                         "benchmarks.timeline", "benchmarks.whole_set"):
+            outs = [a for a in st.args if a.startswith("out_dir=")]
+            assert outs and outs[0].split("=", 1)[1].startswith(str(REPO / "results")), st.name
+
+
+def test_all_points_done_says_so_and_how_to_redo(tmp_path, monkeypatch, capsys):
+    args = ["model=test_resnet", "batch_size=2", "saved_by_op=false", *TINY]
+    assert run_app("memory", args, tmp_path, monkeypatch) == 0
+    assert "already done" not in capsys.readouterr().out
+    assert run_app("memory", args, tmp_path, monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "every point was already done" in out and "force=true" in out and "out_dir=" in out
+
+
+# ------------------------------------------------------------------------------------------ 12: one-line errors
+
+def test_multirun_with_failed_points_ends_with_a_count_and_exit_1(tmp_path, monkeypatch, capsys):
+    args = ["-m", "model=test_resnet", "batch_size=2,0", "saved_by_op=false", *TINY]
+    assert run_app("memory", args, tmp_path, monkeypatch) == 1
+    line, _ = last_line(capsys)
+    assert "1 of 2 points failed" in line and "t.csv" in line
+    df = pd.read_csv(tmp_path / "results" / "memory" / "t.csv")
+    assert sorted(df.status) == ["error", "ok"]  # both recorded all the same
+
+
+def test_collect_warns_on_truncated_or_incomplete_records(tmp_path, monkeypatch, capsys):
+    assert run_app("memory", ["-m", "model=test_resnet", "batch_size=2,4", "saved_by_op=false", *TINY],
+                   tmp_path, monkeypatch) == 0
+    rec_dir = tmp_path / "results" / "memory" / "t"
+    recs = sorted(rec_dir.glob("*.json"))
+    recs[0].write_text(recs[0].read_text()[:50])  # truncated
+    # a job summary without its app/sweep keys (e.g. written by an older version)
+    job = next((tmp_path / "outputs").rglob("summary.json"))
+    d = json.loads(job.read_text())
+    del d["app"]
+    job.write_text(json.dumps(d))
+    capsys.readouterr()
+    from benchmarks import collect
+
+    assert collect.main([str(tmp_path / "outputs"), str(tmp_path / "results")]) == 0
+    err = capsys.readouterr().err
+    assert f"{recs[0]}: unreadable" in err and "left out of t.csv" in err
+    assert "lacks key(s) app" in err
+    assert len(pd.read_csv(tmp_path / "results" / "memory" / "t.csv")) == 1
+
+
+def test_whole_set_every_point_of_a_model_fails_no_traceback():
+    c = OmegaConf.create(dict(models=["test_resnet", "no_such_model"], presets=["none", "pool4"], batch_size=2,
+                              img_size=32, optimizer="sgd"))
+    df = whole_set.peaks(c)
+    assert list(df.status) == ["ok", "ok", "error", "error"]
+    assert df[df.model == "no_such_model"].peak_gib.isna().all()
+    only_bad = whole_set.peaks(OmegaConf.merge(c, {"models": ["no_such_model"]}))
+    assert (only_bad.status == "error").all() and "peak_gib" in only_bad and "ratio_to_none" in only_bad
+
+
+def test_whole_set_quick_keeps_user_overrides_and_refuses_maybe(monkeypatch):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("whole_set", overrides=["quick=true", "peak.models=[resnet18]", "speed.iters=3"])
+        bad = compose("whole_set", overrides=["quick=maybe"])
+        badint = compose("whole_set", overrides=["cosine.batch_size=abc"])
+    monkeypatch.setattr(whole_set, "_given_keys", lambda: {"peak.models", "speed.iters"})
+    eff = whole_set.effective_config(cfg)
+    assert list(eff.peak.models) == ["resnet18"] and eff.speed.iters == 3  # the user's values
+    assert eff.peak.batch_size == 8 and eff.speed.model == "test_resnet"  # quick's tiny defaults elsewhere
+    with pytest.raises(sweep.BenchError, match="quick='maybe': use true or false"):
+        whole_set.effective_config(bad)
+    with pytest.raises(sweep.BenchError, match="cosine.batch_size='abc'"):
+        whole_set.effective_config(badint)
+
+
+def test_whole_set_bad_quick_exit_2_nothing_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["whole_set", "quick=maybe", f"out_dir={tmp_path / 'ws'}",
+                                      f"hydra.run.dir={tmp_path / 'h'}"])
+    monkeypatch.setenv("HYDRA_MAIN_MODULE", "__main__")
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as e:
+        whole_set.main()
+    GlobalHydra.instance().clear()
+    assert e.value.code == 2 and not (tmp_path / "ws").exists()
+    assert capsys.readouterr().err.strip().splitlines() == ["error: quick='maybe': use true or false"]
+
+
+# ------------------------------------------------------------------------------------------ 13: no silent loss
+
+def test_fit_answer_at_max_batch_is_a_lower_bound(tmp_path, monkeypatch):
+    args = ["model=test_resnet", "compression=full4", "img_size=64", "budgets_gib=[0.001,1]", "max_batch=4", *TINY]
+    assert run_app("fit", args, tmp_path, monkeypatch) == 0
+    r = pd.read_csv(tmp_path / "results" / "fit" / "t.csv").iloc[0]
+    assert r.max_batch_1gib == 4 and bool(r.lower_bound_1gib)
+    assert r.max_batch_0p001gib < 4 and not bool(r.lower_bound_0p001gib)
+    assert "hit max_batch=4: lower bounds" in r.fit_note
+    # figures and the README table mark it
+    md = figures.md_fit(pd.read_csv(tmp_path / "results" / "fit" / "t.csv"), "x")
+    assert "| ≥4 |" in md
+
+
+def test_fit_cpu_budget_above_ram_not_searched(tmp_path, monkeypatch):
+    from benchmarks import fit
+
+    ram = fit.machine_ram()
+    assert ram and ram > 2**30
+    huge = int(ram / 2**30 * 4)
+    args = ["model=test_resnet", "compression=full4", "img_size=64", "device=cpu", f"budgets_gib=[1,{huge}]",
+            "max_batch=4", *TINY]
+    assert run_app("fit", args, tmp_path, monkeypatch) == 0
+    r = pd.read_csv(tmp_path / "results" / "fit" / "t.csv").iloc[0]
+    assert r.max_batch_1gib == 4 and pd.isna(r[f"max_batch_{huge}gib"])  # the smaller answer is kept
+    assert "RAM: not searched" in r.fit_note
+
+
+def test_fit_cpu_every_budget_above_ram_one_line(seeded, monkeypatch, capsys):
+    from benchmarks import fit
+
+    huge = int(fit.machine_ram() / 2**30 * 4)
+    capsys.readouterr()
+    before = _results_snapshot(seeded)
+    assert run_app("fit", ["model=test_resnet", "device=cpu", f"budgets_gib=[{huge}]", *TINY], seeded,
+                   monkeypatch) == 2
+    line, lines = last_line(capsys)
+    assert "exceeds this machine's" in line and "device=meta" in line and len(lines) == 1
+    assert _results_snapshot(seeded) == before
+
+
+def test_timeline_device_cpu_from_the_command_line(tmp_path, monkeypatch):
+    from test_figures import run_app as run_plain
+
+    out = tmp_path / "tl"
+    assert run_plain("timeline", ["model=test_resnet", "device=cpu", "batch_size=2", "img_size=32",
+                                  "presets=[none]", f"out_dir={out}", f"hydra.run.dir={tmp_path}/h"], monkeypatch) == 0
+    df = pd.read_csv(out / "test_resnet_b2.csv")
+    assert (df.method == "memtracker-cpu (measured)").all() and df.allocated_bytes.max() > 0
+
+
+@pytest.mark.parametrize("args,msg", [(["batch_size=abc"], "batch_size='abc': must be an integer >= 1"),
+                                      (["presets=[pool4]", "img_size=2"], "img_size=2 is smaller than the 4x4"),
+                                      (["device=gpu"], "unknown device 'gpu'")])
+def test_timeline_bad_input_one_line(tmp_path, monkeypatch, capsys, args, msg):
+    from benchmarks import timeline
+
+    monkeypatch.setattr(sys, "argv", ["timeline", "model=test_resnet", *args, f"out_dir={tmp_path / 'tl'}",
+                                      f"hydra.run.dir={tmp_path}/h"])
+    monkeypatch.setenv("HYDRA_MAIN_MODULE", "__main__")
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as e:
+        sweep.cli("timeline", timeline.main)
+    GlobalHydra.instance().clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
+    assert not (tmp_path / "tl").exists()
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+def _fig_root(tmp_path: Path) -> Path:
+    R = tmp_path / "results"
+    for rel in ("memory/memory_batch.csv", "speed/speed_cpu.csv", "timeline/resnet18_b64.csv"):
+        (R / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "results" / rel, R / rel)
+    return R
+
+
+def test_figures_draw_only_their_sweeps_and_name_every_run(tmp_path):
+    R = _fig_root(tmp_path)
+    adhoc = pd.read_csv(R / "memory/memory_batch.csv")
+    adhoc["git_sha"] = "adhoc0000000"
+    adhoc.to_csv(R / "memory/adhoc.csv", index=False)
+    mixed = pd.read_csv(R / "memory/memory_batch.csv")
+    mixed.loc[0, "git_sha"], mixed.loc[0, "date"] = "second000000", "2030-01-02T00:00:00Z"
+    mixed.to_csv(R / "memory/memory_batch.csv", index=False)
+    plt = figures._plt()
+    fig = figures.fig3_peak_vs_batch(figures.Results(R), plt)
+    footer = " ".join(t.get_text() for t in fig.texts)
+    plt.close(fig)
+    assert "memory_batch.csv" in footer and "adhoc" not in footer
+    assert "second000000" in footer and "2030-01-02" in footer  # every sha and date, not the most common
+    for sha in set(pd.read_csv(REPO / "results/memory/memory_batch.csv").git_sha):
+        assert sha in footer
+
+
+def test_provenance_note_lists_every_run():
+    df = pd.DataFrame(dict(device_name=["cpu A", "cpu A", "gpu B"], git_sha=["aaa", "aaa", "bbb"],
+                           date=["2026-01-01T10:00", "2026-01-01T11:00", "2026-02-03T00:00"]))
+    assert figures.provenance_note(df) == "cpu A + gpu B, git aaa, bbb, 2026-01-01, 2026-02-03"
+
+
+def test_speed_csv_with_only_non_default_rows_skips_fig8_and_draws_fig9(tmp_path, capsys):
+    R = _fig_root(tmp_path)
+    sp = pd.read_csv(R / "speed/speed_cpu.csv")
+    sp["amp"] = True
+    sp.to_csv(R / "speed/speed_cpu.csv", index=False)
+    assert figures.main([f"results={R}", "only=8,9", "readme=none"]) == 0
+    err = capsys.readouterr().err
+    assert "figure 8" in err and "default settings" in err and "Traceback" not in err
+    assert (R / "figures" / "fig9_step_timeline.png").is_file()
+
+
+def test_one_failing_figure_does_not_stop_the_others(tmp_path, capsys, monkeypatch):
+    R = _fig_root(tmp_path)
+
+    def boom(R, plt):
+        raise ZeroDivisionError("float division by zero")
+
+    monkeypatch.setattr(figures, "FIGURES", [(8, "fig8.png", boom, "step time"), *figures.FIGURES[8:]])
+    assert figures.main([f"results={R}", "readme=none"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["figures: error: figure 8 (step time) failed: ZeroDivisionError: float division by zero"]
+    assert (R / "figures" / "fig9_step_timeline.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------ 15: smaller
+
+def test_written_files_are_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.csv", "x\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.csv").stat().st_mode) == 0o644
+
+
+def test_failed_single_run_leaves_no_empty_folders(tmp_path, monkeypatch):
+    assert run_app("memory", ["model=test_resnet", "batch_size=0", *TINY], tmp_path, monkeypatch) == 2
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture
+def seeded(tmp_path, monkeypatch):
+    assert run_app("memory", ["model=test_resnet", "batch_size=2", "saved_by_op=false", *TINY],
+                   tmp_path, monkeypatch) == 0
+    return tmp_path
+
+
+def test_stopping_a_joblib_sweep_kills_its_workers():
+    import signal
+    import time
+
+    from joblib.externals.loky import get_reusable_executor
+
+    ex = get_reusable_executor(max_workers=1)
+    ex.submit(time.sleep, 60)
+    procs = list(ex._processes.values())
+    assert procs and all(p.is_alive() for p in procs)
+    with pytest.raises(SystemExit) as e:
+        sweep.kill_joblib_workers(signal.SIGTERM)
+    assert e.value.code == 128 + signal.SIGTERM
+    for p in procs:
+        p.join(timeout=10)
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_joblib_sweep_installs_and_restores_stop_handlers(monkeypatch):
+    import signal
+
+    cb = sweep.CollectCallback()
+    before = signal.getsignal(signal.SIGTERM)
+    cb._install_stop_handlers()
+    assert signal.getsignal(signal.SIGTERM) is sweep.kill_joblib_workers
+    for sig, h in cb._old_handlers.items():
+        signal.signal(sig, h)
+    assert signal.getsignal(signal.SIGTERM) == before
