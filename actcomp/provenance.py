@@ -32,7 +32,9 @@ def device_name(device: str | torch.device = "cpu") -> str:
         return torch.cuda.get_device_name(dev)
     if dev.type == "meta":
         return "meta (predicted, no allocation)"
-    return f"cpu: {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    # The kernel ISA is in the name: the same run gives other bits under AVX2 and AVX-512 kernels.
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"cpu: {platform.processor() or platform.machine()} {cap} x{torch.get_num_threads()} threads"
 
 
 def provenance(device: str | torch.device = "cpu") -> dict:

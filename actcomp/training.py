@@ -114,6 +114,52 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.deterministic = True
 
 
+# CPU kernels are chosen per instruction set at run time: ATen's vectorized kernels (ATEN_CPU_CAPABILITY), oneDNN's
+# convolutions (ONEDNN_MAX_CPU_ISA) and MKL's GEMMs (MKL_CBWR). Each changes the floating-point summation order,
+# so an AVX-512 host and an AVX2 host train to different bits from the same seed. The values are read once, on
+# the first kernel call, so pinning works only before any tensor op of the process.
+_ISA_ENV = {"avx2": dict(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_CBWR="AVX2"),
+            "avx512": dict(ATEN_CPU_CAPABILITY="avx512", ONEDNN_MAX_CPU_ISA="AVX512_CORE", MKL_CBWR="AVX512"),
+            "default": dict(ATEN_CPU_CAPABILITY="default", ONEDNN_MAX_CPU_ISA="SSE41", MKL_CBWR="COMPATIBLE")}
+
+
+def pin_cpu_numerics(isa: str | None = None, threads: int | None = None) -> dict:
+    """Fix what decides the bits of a CPU run besides the seed: the torch thread count and (``isa``) the
+    instruction set of the ATen, oneDNN and MKL kernels. Call it before the process runs any tensor op.
+
+    ``isa="avx2"`` gives every x86-64 host with AVX2 the kernels an AVX2-only host picks by itself (on such a
+    host nothing changes). Returns :func:`cpu_numerics`. Raises :class:`TrainError` when torch already chose
+    other kernels (an op ran before) or the CPU lacks the instruction set.
+    """
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise TrainError(f"threads must be a positive int, got {threads!r}")
+        torch.set_num_threads(threads)
+    if isa is not None:
+        key = str(isa).lower()
+        if key not in _ISA_ENV:
+            raise TrainError(f"cpu_isa must be one of {', '.join(_ISA_ENV)} (or null), got {isa!r}")
+        before = {k: os.environ.get(k) for k in _ISA_ENV[key]}
+        os.environ.update(_ISA_ENV[key])
+        got = torch.backends.cpu.get_cpu_capability()
+        if got.lower() != _ISA_ENV[key]["ATEN_CPU_CAPABILITY"]:
+            for k, v in before.items():  # leave the environment as it was
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            raise TrainError(f"cpu_isa={key} could not be pinned: torch runs {got} kernels (an op ran before the "
+                             f"pinning, or this CPU lacks {key}); start Python with "
+                             + " ".join(f"{k}={v}" for k, v in _ISA_ENV[key].items()))
+    return cpu_numerics()
+
+
+def cpu_numerics() -> dict:
+    """What this process's CPU results depend on besides code, versions and seed (recorded with a run)."""
+    return dict(threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                **{k: os.environ.get(k, "") for k in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR")})
+
+
 def rng_state() -> dict:
     st = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     if torch.cuda.is_available():
@@ -407,6 +453,10 @@ def _train(cfg, data, callback, d: _Dist, create_optimizer_v2, create_scheduler_
         history, cosines = list(state["history"]), list(state.get("cosines", []))
         rngs = state["rng"]
         set_rng_state(rngs[d.rank] if len(rngs) == d.world else rngs[0])
+        was, now = state.get("numerics"), cpu_numerics()
+        if d.device.type == "cpu" and was and was != now:  # allowed, but the bits of the rest will differ
+            print(f"note: resuming with CPU numerics {now} instead of the checkpoint's {was}: the continuation "
+                  f"is not bitwise what an uninterrupted run would give", file=sys.stderr)
     elif ckpt is not None and ckpt.exists() and not cfg.resume:
         raise TrainError(f"{ckpt} already exists; pass resume=true to continue it, or use another output dir")
 
@@ -511,7 +561,8 @@ def _train(cfg, data, callback, d: _Dist, create_optimizer_v2, create_scheduler_
             _atomic_save(dict(version=1, epoch=e1, epochs=cfg.epochs, num_updates=num_updates, model=model.state_dict(),
                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                               scaler=scaler.state_dict() if scaler is not None else None, history=history,
-                              cosines=cosines, fingerprint=_fingerprint(cfg), rng=rngs), ckpt)
+                              cosines=cosines, fingerprint=_fingerprint(cfg), rng=rngs,
+                              numerics=cpu_numerics()), ckpt)
         if d.main and callback is not None:
             with preserved_rng():  # whatever the callback does, the next epoch starts from the checkpointed state
                 callback(dict(row, preset=preset_name))
@@ -661,5 +712,5 @@ def summarize(history, targets: Iterable[float] = ()) -> dict:
 
 
 __all__ = ["EPOCH_COLUMNS", "EpochSampler", "Reached", "TrainConfig", "TrainError", "TrainResult", "accuracy_counts", "build_model",
-           "evaluate", "overhead_table", "preserved_rng", "rng_state", "schedule_overhead", "seed_everything",
+           "cpu_numerics", "evaluate", "overhead_table", "pin_cpu_numerics", "preserved_rng", "rng_state", "schedule_overhead", "seed_everything",
            "set_rng_state", "summarize", "time_to_accuracy", "train"]

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actcomp import ActcompError
 from actcomp.data import build_data
-from actcomp.training import EPOCH_COLUMNS, TrainConfig, overhead_table, train
+from actcomp.training import EPOCH_COLUMNS, TrainConfig, cpu_numerics, overhead_table, pin_cpu_numerics, train
 
 from .common import (
     PROVENANCE_COLS,
@@ -180,6 +180,8 @@ def _prepare_resume(cfg: DictConfig, out: Path) -> Path:
 
 def run(cfg: DictConfig) -> dict:
     check_config(cfg)
+    # First, before any tensor op (the data resize included): thread count and kernel ISA decide the run's bits.
+    pin_cpu_numerics(cfg.get("cpu_isa"), int(cfg.threads) if cfg.threads else None)
     out = Path(HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = _prepare_resume(cfg, out)
@@ -199,7 +201,7 @@ def run(cfg: DictConfig) -> dict:
         print(f"note: resume=true but {out} holds no checkpoint: training from scratch{hint}",
               file=sys.stderr, flush=True)
     run_id = config_hash(cfg, drop=("logger", "hydra", "resume", "stop_after_epoch", "progress", "hydra_dir",
-                                    "name", "epochs", "targets", "num_workers", "threads"))
+                                    "name", "epochs", "targets", "num_workers", "threads", "cpu_isa"))
     static = dict(preset=tc.preset if isinstance(tc.preset, str) else tc.preset["preset"], model=tc.model,
                   model_kwargs=json.dumps(tc.model_kwargs, sort_keys=True) if tc.model_kwargs else "", data=data_name, seed=tc.seed, batch_size=tc.batch_size, image_size=data.image_size,
                   n_train=len(data.train), n_val=len(data.val), optim=cfg.optim.get("name", ""), run_id=run_id)
@@ -210,10 +212,6 @@ def run(cfg: DictConfig) -> dict:
 
         rows = pd.read_csv(out / "history.csv").to_dict("records")
     cos_rows: list[dict] = []
-    if cfg.threads:  # before provenance, which records the thread count
-        import torch
-
-        torch.set_num_threads(int(cfg.threads))
     prov = provenance_row(tc.device if tc.device != "auto" else ("cuda" if _cuda() else "cpu"))
 
     hc = HydraConfig.get()
@@ -242,7 +240,7 @@ def run(cfg: DictConfig) -> dict:
             cos_rows = [{**static, **c, **prov} for c in res.cosines]
             _write_csv(out / "grad_cosine.csv", cos_rows, [*RUN_COLS, "epoch", "layer", "cosine", *PROVENANCE_COLS])
         summary = {**static, **res.summary, "status": "ok" if res.finished else "stopped", **prov,
-                   "data_info": data.info, "config": _container(cfg)}
+                   "data_info": data.info, "cpu_numerics": cpu_numerics(), "config": _container(cfg)}
         atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str, allow_nan=True))
         if wb is not None:
             # time-to-accuracy (tta_<target>_epoch/_time_s) included; a target never reached has no key
