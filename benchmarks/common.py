@@ -18,7 +18,10 @@ from actcomp.provenance import provenance  # noqa: F401  (re-exported for the ap
 
 def config_hash(cfg: DictConfig | dict, drop: tuple[str, ...] = ("logger", "hydra", "force", "out_dir")) -> str:
     """Stable short hash of the resolved config, ignoring keys that do not change the measurement."""
-    from omegaconf import DictConfig, OmegaConf  # imported here: gpu_check runs where no omegaconf is installed
+    from omegaconf import (  # imported here: gpu_check runs where no omegaconf is installed
+        DictConfig,
+        OmegaConf,
+    )
 
     d = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     d = {k: v for k, v in d.items() if k not in drop}
