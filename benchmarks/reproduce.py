@@ -164,7 +164,7 @@ def plan(o: dict) -> list[Stage]:
         out = R / "train" / study
         args = ["-m", "data=fashion_mnist", "data.subset_train=512", "data.subset_val=256", "model=test_resnet",
                 "compression=none,authors_b1,pool2,pool4,full4", "epochs=2", "batch_size=32", "optim=sgd_cosine",
-                "grad_cosine=true", "targets=[30,40,50]", "progress=false", f"name={study}", f"hydra_dir={H}",
+                "grad_cosine=true", "targets=[30,40,50]", "threads=1", "progress=false", f"name={study}", f"hydra_dir={H}",
                 *resumable(study), *lg, *train_callback_args(None, out, "[30,40,50]")]
         S.append(Stage("train", "Fashion-MNIST toy study: 5 presets x 2 epochs (figs. 5-7)", "benchmarks.train",
                        args, [out / "epochs.csv", out / "summary.csv"]))
