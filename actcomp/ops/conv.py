@@ -112,8 +112,8 @@ class PooledConv2d(torch.autograd.Function):
                 x_hat = unpool_blocks(saved.to(dy.dtype), block, (h, w))
                 if extra != (0, 0):
                     x_hat = F.pad(x_hat, (0, extra[1], 0, extra[0]))
-            else:
-                x_hat = dy.new_empty(1).expand(n, c, hp, wp)
+            else:  # not read when the weight gradient is not requested; zeros, never uninitialized memory
+                x_hat = dy.new_zeros(()).expand(n, c, hp, wp)
             gx, gw, gb = torch.ops.aten.convolution_backward(
                 dy, x_hat, weight_c, bias_sizes, list(stride), list(sym), list(dilation), False, [0, 0], groups, mask
             )
@@ -135,8 +135,13 @@ def _filtered_weight_grad(x_low, weight, dy, stride, sym, extra, dilation, group
         return None  # too small to filter; the caller falls back to the upsampled gradient
     # Sum-preserving pooling of dy: each low-resolution position stands for that many full-resolution ones.
     ratio = dy.shape[-2] * dy.shape[-1] / (out_hw[0] * out_hw[1])
-    dy_low = F.adaptive_avg_pool2d(dy, out_hw) * ratio
-    return torch.nn.grad.conv2d_weight(x_low, weight.shape, dy_low, stride, sym, dilation, groups)
+    dy_low = F.adaptive_avg_pool2d(dy.float(), out_hw) * ratio
+    # fp32 and a zero-filled placeholder weight: the bf16 CPU kernel on tiny (1x1) maps with padding gave
+    # non-finite taps now and then (taps that only ever see padding); the low-resolution product is cheap.
+    w0 = weight.new_zeros((), dtype=torch.float32).expand(weight.shape)
+    return torch.ops.aten.convolution_backward(
+        dy_low, x_low.float(), w0, None, list(stride), list(sym), list(dilation), False, [0, 0], groups,
+        (False, True, False))[1]
 
 
 def _conv_out_hw(hw, khw, stride, pad, dil):

@@ -41,8 +41,10 @@ MIN_GROUP = 64  # below this many elements per group, the 8-byte (lo, scale) pai
 def group_shape(shape) -> tuple[int, int]:
     """(groups, elements per group) for a tensor shape.
 
-    One (n, c) plane of an NCHW tensor when the plane has >= 64 elements; else one row over the last dim when
-    it has >= 64 elements (tokens × channels); else one group per sample.
+    One (n, c) plane of an NCHW tensor when the plane has >= 64 elements; else, for NCHW, one channel over
+    N·H·W: small maps such as (N, C, 1, 1) must not mix channels of wildly different scales in one code, and
+    per-channel groups match the statistics BatchNorm computes. Otherwise one row over the last dim when it has
+    >= 64 elements (tokens × channels); else one group per sample.
     """
     numel = 1
     for s in shape:
@@ -51,13 +53,27 @@ def group_shape(shape) -> tuple[int, int]:
         return 1, numel
     if len(shape) == 4 and shape[2] * shape[3] >= MIN_GROUP:
         return shape[0] * shape[1], shape[2] * shape[3]
+    if len(shape) == 4:
+        return shape[1], numel // shape[1]
     if len(shape) >= 2 and shape[-1] >= MIN_GROUP:
         return numel // shape[-1], shape[-1]
     return shape[0], numel // shape[0]
 
 
+def _channel_groups(shape) -> bool:
+    return len(shape) == 4 and group_shape(shape) == (shape[1], shape[0] * shape[2] * shape[3]) and shape[0] > 1
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
+    if _channel_groups(x.shape):
+        return x.transpose(0, 1).reshape(x.shape[1], -1)  # a copy; only for maps under 64 pixels
     return x.reshape(group_shape(x.shape))
+
+
+def _unrows(r: torch.Tensor, shape) -> torch.Tensor:
+    if _channel_groups(shape):
+        return r.view(shape[1], shape[0], shape[2], shape[3]).transpose(0, 1).contiguous()
+    return r.view(shape)
 
 
 def quantize_uint8(x: torch.Tensor, stochastic: bool = False):
@@ -75,13 +91,13 @@ def quantize_uint8(x: torch.Tensor, stochastic: bool = False):
         v = (v + torch.rand_like(v)).floor_()
     else:
         v = v.round_()
-    q = v.clamp_(0, 255).to(torch.uint8).view(x.shape)
+    q = _unrows(v.clamp_(0, 255).to(torch.uint8), x.shape)
     return q, lo, scale
 
 
 def dequantize_uint8(q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     r = _rows(q).float().mul_(scale).add_(lo)
-    return r.view(q.shape).to(dtype)
+    return _unrows(r, q.shape).to(dtype)
 
 
 def quantized_nbytes(shape) -> int:
