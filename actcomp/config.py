@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping
+import numbers
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,38 +67,71 @@ class CompressionConfig:
         return self.copy_b1 or any(b > 1 for b in blocks)
 
     def replace(self, **kw) -> CompressionConfig:
+        _check_keys(kw)
         return dataclasses.replace(self, **kw)
 
 
+def _show(v) -> str:
+    """A value for a one-line message: its repr, cut short, with its type."""
+    r = " ".join(repr(v).split())
+    return f"{r if len(r) <= 60 else r[:57] + '...'} ({type(v).__name__})"
+
+
 def _check_block(b, where="block"):
-    if isinstance(b, bool) or not isinstance(b, int):
-        raise ActcompError(f"{where} must be an int >= 1, got {b!r} ({type(b).__name__})")
+    if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+        form = " or a {pattern: int} mapping" if where == "block" else ""
+        raise ActcompError(f"{where} must be an int >= 1{form}, got {_show(b)}")
     if b < 1:
         raise ActcompError(f"{where} must be an int >= 1, got {b}")
+    return int(b)
 
 
-def validate(cfg: CompressionConfig) -> None:
+def _patterns(v, key):
+    """include/exclude: one glob pattern or a sequence of them, as a tuple."""
+    if isinstance(v, str):
+        return (v,)
+    if isinstance(v, (Sequence, Set)) and not isinstance(v, bytes) and all(isinstance(p, str) for p in v):
+        return tuple(sorted(v)) if isinstance(v, Set) else tuple(v)
+    raise ActcompError(f"{key} must be a glob pattern or a list of them, got {_show(v)}")
+
+
+def _normalize(cfg: CompressionConfig) -> None:
+    """Validate every field (one-line ActcompError) and store the canonical form (tuples, plain ints)."""
+    for key in _STRINGS:
+        v = getattr(cfg, key)
+        if not isinstance(v, str):
+            raise ActcompError(f"{key} must be a string, got {_show(v)}")
+    for key in _BOOLS:
+        v = getattr(cfg, key)
+        if not isinstance(v, bool):  # "false" or 0 would silently mean something else
+            raise ActcompError(f"{key} must be true or false (a bool), got {_show(v)}")
+    for key, allowed in _CHOICES.items():
+        v = getattr(cfg, key)
+        if not isinstance(v, str) or v not in allowed:
+            raise ActcompError(f"{key}={repr(v) if isinstance(v, str) else _show(v)} is not one of {', '.join(allowed)}")
     if isinstance(cfg.block, Mapping):
         if not cfg.block:
             raise ActcompError("block mapping is empty; give an int or {pattern: int}")
+        block = {}
         for pat, b in cfg.block.items():
             if not isinstance(pat, str):
-                raise ActcompError(f"block pattern must be a string, got {pat!r}")
-            _check_block(b, f"block[{pat!r}]")
+                raise ActcompError(f"block pattern must be a string, got {_show(pat)}")
+            block[pat] = _check_block(b, f"block[{pat!r}]")
     else:
-        _check_block(cfg.block)
-    for key, allowed in _CHOICES.items():
-        v = getattr(cfg, key)
-        if v not in allowed:
-            raise ActcompError(f"{key}={v!r} is not one of {', '.join(allowed)}")
+        block = _check_block(cfg.block)
+    object.__setattr__(cfg, "block", block)
     for key in ("include", "exclude"):
-        v = getattr(cfg, key)
-        if isinstance(v, str) or not all(isinstance(p, str) for p in v):
-            raise ActcompError(f"{key} must be a list of glob patterns, got {v!r}")
+        object.__setattr__(cfg, key, _patterns(getattr(cfg, key), key))
+
+
+def validate(cfg: CompressionConfig) -> None:
+    _normalize(cfg)
     if cfg.peer != "none" and (cfg.compresses_convs or any(getattr(cfg, k) != "none" for k in _WHOLE_SET)):
         raise ActcompError(f"peer={cfg.peer!r} is a stand-alone baseline; do not combine it with other compression")
 
 
+_STRINGS = ("name", "description")
+_BOOLS = ("copy_b1", "grad_filter", "stochastic_rounding")
 _WHOLE_SET = ("relu", "act", "norm", "pool", "linear", "mul")
 _FULL = dict(relu="bitmask", act="int8", norm="int8", pool="int8", linear="int8", mul="int8")
 
@@ -134,6 +168,14 @@ def get_preset(name: str) -> CompressionConfig:
     return PRESETS[name]
 
 
+def _check_keys(d: dict) -> dict:
+    known = [f.name for f in dataclasses.fields(CompressionConfig)]
+    unknown = sorted(str(k) for k in d if k not in known)
+    if unknown:
+        raise ActcompError(f"unknown compression option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return d
+
+
 def as_config(spec: str | CompressionConfig | Mapping[str, Any]) -> CompressionConfig:
     """A preset name, a CompressionConfig, or a mapping (optionally with ``preset`` as the base)."""
     if isinstance(spec, CompressionConfig):
@@ -143,14 +185,5 @@ def as_config(spec: str | CompressionConfig | Mapping[str, Any]) -> CompressionC
     if isinstance(spec, Mapping):
         d = dict(spec)
         base = get_preset(d.pop("preset")) if "preset" in d else CompressionConfig()
-        known = {f.name for f in dataclasses.fields(CompressionConfig)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ActcompError(f"unknown compression option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        for key in ("include", "exclude"):
-            if key in d and not isinstance(d[key], str):
-                d[key] = tuple(d[key])
-        if isinstance(d.get("block"), Mapping):
-            d["block"] = dict(d["block"])
-        return base.replace(**d)
+        return base.replace(**_check_keys(d))
     raise ActcompError(f"compression must be a preset name, CompressionConfig or mapping, got {type(spec).__name__}")

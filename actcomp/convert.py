@@ -277,22 +277,38 @@ def compress(model: nn.Module, spec: str | CompressionConfig | Mapping = "none")
     """
     if not isinstance(model, nn.Module):
         raise ActcompError(f"compress() needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        # Scripted code bypasses the Python forward that the conversion relies on.
+        raise ActcompError("compress() needs an eager nn.Module, got a TorchScript module; compress before "
+                           "torch.jit.script")
     cfg = as_config(spec)
     if cfg.compresses_convs and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise ActcompError(f"preset {cfg.name!r} pools convolution inputs, but {type(model).__name__} has no Conv2d")
-    if cfg.peer == "ckpt" and not hasattr(model, "set_grad_checkpointing"):
-        raise ActcompError(f"peer 'ckpt' needs a model with set_grad_checkpointing() (timm models); "
-                           f"{type(model).__name__} has none")
     todo = plan(model, cfg)
     if cfg.compresses_convs and not any(s.kind == "conv" for _, _, s in todo):
         raise ActcompError(f"preset {cfg.name!r}: no Conv2d matched include/exclude/block patterns")
+    earlier = config_of(model)
     restore(model)
+    try:
+        _convert(model, todo, cfg)
+    except Exception as e:
+        # All or nothing: undo what was done and bring back the earlier conversion.
+        restore(model)
+        if earlier is not None:
+            _convert(model, plan(model, earlier), earlier)
+        if isinstance(e, ActcompError):
+            raise
+        raise ActcompError(f"preset {cfg.name!r} cannot convert {type(model).__name__}: "
+                           f"{type(e).__name__}: {' '.join(str(e).split())}") from e
+    return model
+
+
+def _convert(model: nn.Module, todo, cfg: CompressionConfig) -> None:
     for _, m, s in todo:
         m._actcomp = s
         m.__class__ = _compressed_class(type(m))
     apply_peer(model, cfg)
     model._actcomp_config = cfg
-    return model
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -300,7 +316,7 @@ def restore(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, _Compressed):
             m.__class__ = m._actcomp_orig_cls
-            del m._actcomp
+        m.__dict__.pop("_actcomp", None)
     remove_peer(model)
     model.__dict__.pop("_actcomp_config", None)
     return model

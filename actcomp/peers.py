@@ -1,8 +1,9 @@
 """Peer baselines a user would pick instead of pooling, in the same API (``compress(model, "ckpt")``).
 
-- ``ckpt``: timm's ``set_grad_checkpointing``. BatchNorm running statistics are protected from the second
-  update that recomputation would otherwise make (they are snapshotted and restored around any forward that
-  runs inside a backward pass).
+- ``ckpt``: timm's ``set_grad_checkpointing``. Running statistics (BatchNorm, InstanceNorm, EvoNorm-B) are
+  protected from the second update that recomputation would otherwise make: they are snapshotted and restored
+  around any forward that runs inside a backward pass, also when the recomputation is stopped early.
+  A model that refuses checkpointing is an ``ActcompError``.
 - ``int8``: every saved floating-point tensor (parameters excluded) stored as per-group uint8 through
   ``saved_tensors_hooks`` (ActNN/GACT-style, 8 bits, deterministic rounding).
 - ``offload``: ``torch.autograd.graph.save_on_cpu``. On a CPU-only machine this moves nothing; on ``meta``
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import is_fake
 
+from .config import ActcompError
 from .ops.quant import dequantize_uint8, quantize_uint8
 
 
@@ -66,34 +68,98 @@ def _key(t):
 _HOOKED_CACHE: dict[type, type] = {}
 
 
-def _bn_guard_pre(m, args):
-    if m.training and m.track_running_stats and torch._C._current_graph_task_id() != -1:
-        m._actcomp_stats = [b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _bn_guard_post(m, args, out):
-    saved = m.__dict__.pop("_actcomp_stats", None)
-    if saved is not None:
-        for b, s in zip((m.running_mean, m.running_var, m.num_batches_tracked), saved):
-            b.copy_(s)
+def _stat_buffers(m):
+    """The module's own running-statistics buffers (BatchNorm family, InstanceNorm with stats, EvoNorm-B)."""
+    return [b for n, b in m.named_buffers(recurse=False) if n in _STAT_BUFFERS]
+
+
+def _stats_guard_pre(m, args):
+    # A forward inside a backward pass is checkpoint recomputation: the stats were already updated once.
+    if m.training and torch._C._current_graph_task_id() != -1:
+        m.__dict__.setdefault("_actcomp_stats", []).append([b.clone() for b in _stat_buffers(m)])
+
+
+def _stats_guard_post(m, args, out):
+    # Registered with always_call: non-reentrant checkpoint stops recomputation by raising inside the last op
+    # that saves a tensor, which may be this module's batch_norm; the stats must be restored then too.
+    # Written through .data: the recomputed graph may have saved these buffers, and a version bump would make
+    # its backward fail (reentrant checkpoint); training-mode BatchNorm backward does not read them.
+    stack = m.__dict__.get("_actcomp_stats")
+    if stack:
+        for b, s in zip(_stat_buffers(m), stack.pop()):
+            b.data.copy_(s)
+        if not stack:
+            del m.__dict__["_actcomp_stats"]
+
+
+_MISSING = object()
+
+
+def _switches(model: nn.Module):
+    """timm keeps the checkpointing switch in ``grad_checkpointing`` attributes on the model and its stages."""
+    return [(m, m.__dict__.get("grad_checkpointing", _MISSING)) for m in model.modules()]
+
+
+def _put_switches(saved) -> None:
+    for m, v in saved:
+        if v is _MISSING:
+            m.__dict__.pop("grad_checkpointing", None)
+        else:
+            m.__dict__["grad_checkpointing"] = v
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _apply_ckpt(model: nn.Module) -> None:
+    """set_grad_checkpointing(True) + running-stats guards, all or nothing."""
+    if not callable(getattr(model, "set_grad_checkpointing", None)):
+        raise ActcompError(f"peer 'ckpt' needs a model with set_grad_checkpointing() (timm models); "
+                           f"{type(model).__name__} has none")
+    before = _switches(model)
+    try:
+        model.set_grad_checkpointing(True)
+    except Exception as e:  # timm: `assert not enable, 'gradient checkpointing not supported'`
+        _put_switches(before)
+        raise ActcompError(f"peer 'ckpt': {type(model).__name__} does not support gradient checkpointing "
+                           f"({_one_line(e)})") from e
+    handles = []
+    try:
+        for m in model.modules():
+            if _stat_buffers(m):
+                handles += [m.register_forward_pre_hook(_stats_guard_pre),
+                            m.register_forward_hook(_stats_guard_post, always_call=True)]
+    except Exception as e:
+        _remove_ckpt(model, before, handles)
+        raise ActcompError(f"peer 'ckpt' cannot be applied to {type(model).__name__} ({_one_line(e)})") from e
+    model._actcomp_ckpt = (before, handles)
+
+
+def _remove_ckpt(model: nn.Module, before, handles) -> None:
+    for h in handles:
+        h.remove()
+    model.set_grad_checkpointing(False)
+    _put_switches(before)  # a model the user had checkpointed before compress() stays checkpointed
+    for m in model.modules():
+        m.__dict__.pop("_actcomp_stats", None)
 
 
 def apply_peer(model: nn.Module, cfg) -> None:
     if cfg.peer == "none":
         return
-    model._actcomp_peer = cfg.peer
     if cfg.peer == "ckpt":
-        model.set_grad_checkpointing(True)
-        handles = []
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                handles += [m.register_forward_pre_hook(_bn_guard_pre), m.register_forward_hook(_bn_guard_post)]
-        model._actcomp_handles = handles
+        _apply_ckpt(model)
+        model._actcomp_peer = cfg.peer
         return
-    model._actcomp_param_keys = {_key(p) for p in model.parameters()}
     cls = type(model)
     if cls not in _HOOKED_CACHE:
         _HOOKED_CACHE[cls] = type(f"Hooked{cls.__name__}", (_Hooked, cls), {"_actcomp_orig_root": cls})
+    model._actcomp_param_keys = {_key(p) for p in model.parameters()}
+    model._actcomp_peer = cfg.peer
     model.__class__ = _HOOKED_CACHE[cls]
 
 
@@ -102,9 +168,7 @@ def remove_peer(model: nn.Module) -> None:
     if kind is None:
         return
     if kind == "ckpt":
-        model.set_grad_checkpointing(False)
-        for h in model.__dict__.pop("_actcomp_handles", []):
-            h.remove()
+        _remove_ckpt(model, *model.__dict__.pop("_actcomp_ckpt"))
         return
     model.__dict__.pop("_actcomp_param_keys", None)
     if isinstance(model, _Hooked):

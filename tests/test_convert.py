@@ -153,6 +153,23 @@ def test_policy_per_layer_blocks_include_exclude_and_small_inputs():
     ({"block": {"layer1.*": -1}}, "block"),
     ({"relu": "zip"}, "relu='zip' is not one of"),
     ({"blok": 2}, "unknown compression option"),
+    ({"preset": "pool2", 3: 1}, "unknown compression option"),
+    ({"copy_b1": "false"}, "copy_b1 must be true or false"),
+    ({"grad_filter": 1}, "grad_filter must be true or false"),
+    ({"stochastic_rounding": "yes"}, "stochastic_rounding must be true or false"),
+    ({"name": 3}, "name must be a string"),
+    ({"description": None}, "description must be a string"),
+    ({"block": "4"}, "block must be an int >= 1 or a"),
+    ({"block": [2, 4]}, "block must be an int >= 1 or a"),
+    ({"block": {}}, "block mapping is empty"),
+    ({"block": {1: 2}}, "block pattern must be a string"),
+    ({"block": {"layer1.*": 2.0}}, r"block\['layer1.\*'\] must be an int >= 1"),
+    ({"conv_pool": None}, "conv_pool=None"),
+    ({"relu": ["bitmask"]}, "relu=.* is not one of"),
+    ({"include": 5}, "include must be a glob pattern or a list of them"),
+    ({"exclude": ["conv1", 1]}, "exclude must be a glob pattern or a list of them"),
+    ({"exclude": {"conv1": 1}}, "exclude must be a glob pattern or a list of them"),
+    ({"peer": "ckpt", "block": 2}, "stand-alone baseline"),
 ])
 def test_bad_config_raises_and_leaves_model_unchanged(bad, msg):
     m = actcomp.compress(_model("resnet18"), "pool2")
@@ -161,6 +178,34 @@ def test_bad_config_raises_and_leaves_model_unchanged(bad, msg):
         actcomp.compress(m, bad)
     assert [type(c) for c in m.modules()] == before
     assert actcomp.config_of(m).name == "pool2"
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"copy_b1": "false"}, "copy_b1 must be true or false"),
+    ({"grad_filter": None}, "grad_filter must be true or false"),
+    ({"stochastic_rounding": 0}, "stochastic_rounding must be true or false"),
+    ({"name": None}, "name must be a string"),
+    ({"block": torch.ones(3, 3)}, "block must be an int >= 1"),
+    ({"block": -2}, "block must be an int >= 1"),
+    ({"include": [b"conv1"]}, "include must be"),
+    ({"norm": "int4"}, "norm='int4' is not one of"),
+])
+def test_compression_config_checks_every_option_in_one_line(bad, msg):
+    with pytest.raises(ActcompError, match=msg) as e:
+        actcomp.CompressionConfig(**bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ActcompError, match="unknown compression option"):
+        PRESETS["pool2"].replace(blok=2)
+
+
+def test_config_accepts_one_pattern_and_integral_blocks():
+    import numpy as np
+
+    c = actcomp.as_config({"block": {"layer1.*": np.int64(2)}, "include": "layer1.*", "exclude": ("conv1",)})
+    assert c.include == ("layer1.*",) and c.exclude == ("conv1",)
+    assert type(c.block["layer1.*"]) is int and type(actcomp.CompressionConfig(block=np.int32(4)).block) is int
+    m = actcomp.compress(_model("resnet18"), c)
+    assert {n.split(".")[0] for n, x in m.named_modules() if hasattr(x, "_actcomp")} == {"layer1"}
 
 
 def test_model_without_convolutions_is_a_clear_error():
