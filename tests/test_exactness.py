@@ -37,7 +37,7 @@ def run(argv: list[str], monkeypatch) -> int:
 def test_exactness_claims_hold_and_approximations_are_bounded(tmp_path, monkeypatch):
     out = tmp_path / "ex"
     argv = [f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}", "conv_inputs=[noise,block_constant]",
-            "conv_presets=[authors_b1,pool2,pool4,maxpool2,int8]"]
+            "conv_presets=[authors_b1,pool2,pool4,maxpool2,int8]", "parts=[ops]"]
     assert run(argv, monkeypatch) == 0
     df = pd.read_csv(out / "exactness.csv")
     assert set(PROV) <= set(df.columns) and (df["torch_threads"] == 1).all()
