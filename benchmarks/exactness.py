@@ -1,8 +1,10 @@
 """Per-op exactness (README "Exactness, per op"): each compressed op's forward output and gradients against
-native PyTorch on fixed-seed inputs, one CSV.
+native PyTorch on fixed-seed inputs, plus the known limits (self-padding convs, whole-model cosine on tiny
+batches/maps). One CSV per part:
 
-    python -m benchmarks.exactness                          # -> scratch/exactness/exactness.csv (make reproduce: results/)
-    python -m benchmarks.exactness conv_inputs=[noise]      # no data needed
+    python -m benchmarks.exactness                          # -> scratch/exactness/{exactness,padding,whole_model}.csv
+    python -m benchmarks.exactness conv_inputs=[noise] padding.inputs=[block_constant]   # no data needed
+    python -m benchmarks.exactness parts=[padding]          # one part only (the other CSVs are left as they are)
 
 One row per (op, preset, input, output): ``output`` is ``forward``, ``input`` (the gradient to the op's input) or
 a parameter name (its gradient). Columns: ``bitwise`` (torch.equal with native), ``rel_l2`` (||g - g_native|| /
@@ -12,6 +14,13 @@ for every non-conv op) and under the ``int8`` peer. Inputs: ``noise`` is i.i.d. 
 pooling: no spatial correlation) and N(1, 3²) for the others; ``block_constant`` is constant over aligned 4×4
 blocks (where avg-pooling loses nothing); ``fashion_mnist`` is 16 real test images at 32 px. One torch thread, so
 the numbers repeat run to run.
+
+``padding.csv``: convs that pad their input themselves (``padding_mode`` reflect/replicate/circular, timm
+``Conv2dSame``) and timm ``StdConv2d``, next to the same conv with zero padding: the weight gradient's error under
+pooling (the conv then pools the *padded* tensor, so its blocks no longer line up with the image), and the bytes
+saved after forward relative to native (``F.pad``'s own saved input and StdConv's standardized weight stay full).
+``whole_model.csv``: cosine of all parameter gradients concatenated, compressed vs native, for a few models over
+batch size × image size (same init and batch: Fashion-MNIST test images 0..batch-1, or i.i.d. noise).
 """
 from __future__ import annotations
 
@@ -33,6 +42,8 @@ from .common import atomic_write_csv, fail, provenance_row
 # Non-conv ops under the whole-set settings of full2/full4 (block=1: nothing to pool in a bare op).
 WHOLE_SET = "full2/full4"
 CONV_INPUTS = ("noise", "block_constant", "fashion_mnist")
+PARTS = ("ops", "padding", "whole_model")
+CSV_OF = {"ops": "exactness.csv", "padding": "padding.csv", "whole_model": "whole_model.csv"}
 
 
 def _spec(preset: str):
@@ -115,6 +126,114 @@ def _shape(x: torch.Tensor) -> str:
     return "×".join(map(str, x.shape))
 
 
+def _padding_convs(c_in: int):
+    """(label, module factory, zero-padded reference label) for convs that pad their input themselves."""
+    from timm.layers import StdConv2d, create_conv2d
+
+    ref1, ref2 = "zero padding 3×3 s1 (reference)", "zero padding 3×3 s2 (reference)"
+    return [
+        (ref1, lambda: nn.Conv2d(c_in, 32, 3, padding=1), ref1),
+        ("reflect padding 3×3 s1", lambda: nn.Conv2d(c_in, 32, 3, padding=1, padding_mode="reflect"), ref1),
+        ("replicate padding 3×3 s1", lambda: nn.Conv2d(c_in, 32, 3, padding=1, padding_mode="replicate"), ref1),
+        ("circular padding 3×3 s1", lambda: nn.Conv2d(c_in, 32, 3, padding=1, padding_mode="circular"), ref1),
+        # 'same' with an even kernel pads 1 before and 2 after: the blocks shift by one pixel.
+        ("timm Conv2dSame 4×4 s1 ('same')", lambda: create_conv2d(c_in, 32, 4, stride=1, padding="same"), ref1),
+        (ref2, lambda: nn.Conv2d(c_in, 32, 3, stride=2, padding=1), ref2),
+        # stride 2 on an even map pads 0 before and 1 after: the blocks still start at the image's corner.
+        ("timm Conv2dSame 3×3 s2 ('same')", lambda: create_conv2d(c_in, 32, 3, stride=2, padding="same"), ref2),
+        ("timm StdConv2d 3×3 s1", lambda: StdConv2d(c_in, 32, 3, padding=1), ref1),
+    ]
+
+
+def _saved(m0: nn.Module, spec, x: torch.Tensor) -> int:
+    m = copy.deepcopy(m0)
+    if spec is not None:
+        actcomp.compress(m, spec)
+    # A leaf that needs grad, as a feature map inside a network: F.pad then keeps its input for backward.
+    return actcomp.saved_bytes(m, x.clone().requires_grad_(True)).total_bytes
+
+
+def measure_padding(cfg: DictConfig) -> pd.DataFrame:
+    """Weight-gradient error (per input, per pooling preset) and saved bytes of self-padding convs."""
+    c = cfg.padding
+    for p in list(c.presets) + list(c.bytes_presets):
+        actcomp.get_preset(p)
+    for p in c.bytes_presets:
+        if actcomp.get_preset(p).peer != "none":  # saved_bytes cannot see through a peer's hooks
+            raise actcomp.ActcompError(f"padding.bytes_presets: {p!r} is a peer preset; give a conversion preset")
+    if not c.inputs:
+        raise actcomp.ActcompError("padding.inputs is empty; give e.g. padding.inputs=[block_constant]")
+    rows = []
+    for kind in c.inputs:
+        x, desc = _conv_input(kind, cfg.seed)
+        for label, make, ref in _padding_convs(x.shape[1]):
+            torch.manual_seed(cfg.seed)
+            conv = make()
+            for p in c.presets:
+                w = next(r for r in _compare(conv, p, x, cfg.seed + 1) if r["output"] == "weight")
+                rows.append(dict(part="weight_grad", conv=label, reference=ref, preset=p, input=desc,
+                                 shape=_shape(x), bitwise=w["bitwise"], rel_l2=w["rel_l2"], cosine=w["cosine"]))
+            if kind == c.inputs[0]:  # bytes depend on shapes only
+                native = _saved(conv, None, x)
+                for p in c.bytes_presets:
+                    b = _saved(conv, p, x)
+                    rows.append(dict(part="saved_bytes", conv=label, reference=ref, preset=p, input=desc,
+                                     shape=_shape(x), saved_bytes_native=native, saved_bytes=b,
+                                     ratio_to_native=b / native))
+    df = pd.DataFrame(rows)
+    df["seed"], df["torch_threads"] = cfg.seed, torch.get_num_threads()
+    return df
+
+
+def _all_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                      for p in model.parameters()]).double()
+
+
+def measure_whole_model(cfg: DictConfig) -> pd.DataFrame:
+    """Cosine and rel. L2 of all parameter gradients concatenated, compressed vs native, per batch × image size."""
+    from actcomp.memory import build_model
+
+    c = cfg.whole_model
+    for p in c.presets:
+        actcomp.get_preset(p)
+    points = [tuple(int(v) for v in pt) for pt in c.points]
+    if not points or any(len(pt) != 2 or min(pt) < 1 for pt in points):
+        raise actcomp.ActcompError(f"whole_model.points: give [batch, img_size] pairs of positive ints, got {points}")
+    if c.input not in ("fashion_mnist", "noise"):
+        raise actcomp.ActcompError(f"whole_model.input: unknown input {c.input!r}; known: fashion_mnist, noise")
+    batches = {}
+    for batch, size in points:
+        if c.input == "noise":  # i.i.d. pixels: the hard case for conv pooling, nothing like an image
+            g = torch.Generator().manual_seed(cfg.seed)
+            batches[batch, size] = (torch.randn(batch, 1, size, size, generator=g),
+                                    torch.randint(0, 10, (batch,), generator=g))
+        else:
+            from actcomp.data import build_data
+
+            val = build_data("fashion_mnist", image_size=size, resize="resize").val
+            items = [val[i] for i in range(batch)]
+            batches[batch, size] = (torch.stack([t[0] for t in items]), torch.tensor([int(t[1]) for t in items]))
+    rows = []
+    for name in c.models:
+        torch.manual_seed(cfg.seed)
+        m0 = build_model(name, num_classes=10, in_chans=1).train()
+        for batch, size in points:
+            x, y = batches[batch, size]
+            ref = _all_grads(copy.deepcopy(m0), x, y)
+            for p in c.presets:
+                m = actcomp.compress(copy.deepcopy(m0), p)
+                got = _all_grads(m, x, y)
+                rows.append(dict(model=name, preset=p, batch_size=batch, img_size=size, input=c.input,
+                                 cosine=F.cosine_similarity(got, ref, dim=0).item(),
+                                 rel_l2=((got - ref).norm() / ref.norm()).item()))
+    df = pd.DataFrame(rows)
+    df["seed"], df["torch_threads"] = cfg.seed, torch.get_num_threads()
+    return df
+
+
 def measure(cfg: DictConfig) -> pd.DataFrame:
     for p in list(cfg.conv_presets) + list(cfg.presets):
         if p != WHOLE_SET:
@@ -144,24 +263,42 @@ def measure(cfg: DictConfig) -> pd.DataFrame:
                                  **r))
     df = pd.DataFrame(rows)
     df["seed"], df["torch_threads"] = cfg.seed, torch.get_num_threads()
-    for k, v in provenance_row("cpu").items():
-        df[k] = v
     return df
+
+
+def measure_parts(cfg: DictConfig) -> dict[str, pd.DataFrame]:
+    """Every requested part, measured before anything is written (bad input leaves earlier CSVs untouched)."""
+    parts = list(cfg.parts)
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise actcomp.ActcompError(f"parts: unknown or empty {bad or parts}; known: {', '.join(PARTS)}")
+    fns = {"ops": measure, "padding": measure_padding, "whole_model": measure_whole_model}
+    out = {}
+    for p in parts:
+        df = fns[p](cfg)
+        for k, v in provenance_row("cpu").items():
+            df[k] = v
+        out[p] = df
+    return out
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="exactness")
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))  # reduction order depends on the thread count
-    path = Path(hydra.utils.to_absolute_path(cfg.out_dir)) / "exactness.csv"
+    out = Path(hydra.utils.to_absolute_path(cfg.out_dir))
     try:
-        df = measure(cfg)
-        atomic_write_csv(df, path)
+        dfs = measure_parts(cfg)
+        for part, df in dfs.items():
+            atomic_write_csv(df, out / CSV_OF[part])
     except (actcomp.ActcompError, OSError) as e:
         fail(e)
+    cols = {"ops": ["op", "preset", "output", "bitwise", "rel_l2", "cosine"],
+            "padding": ["part", "conv", "preset", "input", "rel_l2", "cosine", "ratio_to_native"],
+            "whole_model": ["model", "preset", "batch_size", "img_size", "cosine", "rel_l2"]}
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.max_colwidth", 48):
-        print(df[["op", "preset", "output", "bitwise", "rel_l2", "cosine"]].to_string(
-            index=False, float_format="{:.3g}".format))
-    print(f"wrote {path}")
+        for part, df in dfs.items():
+            print(df[[c for c in cols[part] if c in df]].to_string(index=False, float_format="{:.3g}".format))
+            print(f"wrote {out / CSV_OF[part]}")
 
 
 if __name__ == "__main__":

@@ -936,6 +936,58 @@ def md_exactness(df: pd.DataFrame, rel: str) -> str:
     return "\n".join(lines).rstrip("\n")
 
 
+def md_exactness_padding(df: pd.DataFrame, rel: str) -> str:
+    """results/exactness/padding.csv: weight-grad error of self-padding convs under pooling, saved bytes vs native."""
+    r0 = df.iloc[0]
+    w, b = df[df["part"] == "weight_grad"], df[df["part"] == "saved_bytes"]
+    wcols = list(dict.fromkeys(zip(w["input"], w["preset"])))
+    bcols = list(dict.fromkeys(b["preset"]))
+    shapes = dict(zip(df["input"], df["shape"]))
+    lines = [f"Measured on CPU, fp32, seed {int(r0['seed'])}, {int(r0['torch_threads'])} torch thread "
+             f"(`python -m benchmarks.exactness`, `{rel}`). Weight gradient against native PyTorch (error = relative "
+             "L2, cos = cosine); saved = bytes autograd keeps after forward (`actcomp.saved_bytes`, input and conv "
+             f"together) relative to native, on {b['input'].iloc[0] if len(b) else '—'} "
+             f"({shapes.get(b['input'].iloc[0], '') if len(b) else ''}). Each conv has 32 output channels.", "",
+             "| conv | " + " | ".join(f"weight grad, {p}, {i} ({shapes[i]})" for i, p in wcols)
+             + " | " + " | ".join(f"saved vs native, {p}" for p in bcols) + " |",
+             "|---|" + "---|" * (len(wcols) + len(bcols))]
+    for conv in dict.fromkeys(df["conv"]):
+        cells = []
+        for i, p in wcols:
+            s = w[(w["conv"] == conv) & (w["input"] == i) & (w["preset"] == p)]
+            if s.empty:
+                cells.append("—")
+                continue
+            r = s.iloc[0]
+            e = _rel_err(r)
+            cells.append(e if r["bitwise"] or float(r["rel_l2"]) < 1e-5 else f"{e}, cos {r['cosine']:.2f}")
+        for p in bcols:
+            s = b[(b["conv"] == conv) & (b["preset"] == p)]
+            cells.append("—" if s.empty else f"{s['ratio_to_native'].iloc[0]:.3f}×")
+        lines.append(f"| {conv} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def md_whole_model(df: pd.DataFrame, rel: str) -> str:
+    """results/exactness/whole_model.csv: whole-model gradient cosine per model × preset over batch × image size."""
+    r0 = df.iloc[0]
+    points = list(dict.fromkeys(zip(df["batch_size"], df["img_size"])))
+    inp = {"fashion_mnist": "Fashion-MNIST test images", "noise": "i.i.d. N(0, 1) images"}.get(r0["input"], r0["input"])
+    lines = [f"Measured on CPU, fp32, seed {int(r0['seed'])}, {int(r0['torch_threads'])} torch thread "
+             f"(`python -m benchmarks.exactness`, `{rel}`): cosine between all parameter gradients concatenated, "
+             f"compressed vs native, same random init (pretrained=False, 10 classes) and the same batch of {inp} "
+             "(the first `batch` of the test set, resized).", "",
+             "| model | preset | " + " | ".join(f"batch {n}, {s} px" for n, s in points) + " |",
+             "|---|---|" + "---|" * len(points)]
+    for (m, p), g in df.groupby(["model", "preset"], sort=False):
+        cells = []
+        for n, s in points:
+            c = g[(g["batch_size"] == n) & (g["img_size"] == s)]
+            cells.append("—" if c.empty else f"{c['cosine'].iloc[0]:.2f}")
+        lines.append(f"| {m} | {p} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 README_RENDERERS: list[tuple[str, Callable[[pd.DataFrame, str], str]]] = [
     (r"(.*/)?table/.+_saved_bytes\.csv", md_saved_bytes),
     (r"(.*/)?table/.+_conv_layers\.csv", md_conv_layers),
@@ -944,6 +996,8 @@ README_RENDERERS: list[tuple[str, Callable[[pd.DataFrame, str], str]]] = [
     (r"(.*/)?whole_set/peak\.csv", md_peak),
     (r"(.*/)?(speed/[^/]+|whole_set/speed)\.csv", md_speed),
     (r"(.*/)?exactness/exactness\.csv", md_exactness),
+    (r"(.*/)?exactness/padding\.csv", md_exactness_padding),
+    (r"(.*/)?exactness/whole_model\.csv", md_whole_model),
 ]
 _BLOCK = re.compile(r"(<!-- BEGIN (?P<path>[^>]+?) -->\n)(?P<body>.*?)(\n<!-- END (?P=path) -->)", re.S)
 

@@ -147,10 +147,13 @@ def plan(o: dict) -> list[Stage]:
                                             f"hydra.run.dir={H}/whole_set"],
                    [ws / "peak.csv", ws / "speed.csv", ws / "cosine.csv"]))
 
-    # 7b. per-op exactness against native PyTorch (README "Exactness, per op"); seconds, same at every scale
+    # 7b. per-op exactness against native PyTorch (README "Exactness, per op"), self-padding convs, whole-model
+    # cosine; about two minutes (quick: the whole-model cosine at one point only)
     ex = R / "exactness"
-    S.append(Stage("exactness", "per-op forward/gradient error vs native (README exactness table)",
-                   "benchmarks.exactness", [f"out_dir={ex}", f"hydra.run.dir={H}/exactness"], [ex / "exactness.csv"]))
+    S.append(Stage("exactness", "per-op forward/gradient error vs native (README exactness tables)",
+                   "benchmarks.exactness", [*(["whole_model.points=[[2,64]]"] if q else []), f"out_dir={ex}",
+                                            f"hydra.run.dir={H}/exactness"],
+                   [ex / "exactness.csv", ex / "padding.csv", ex / "whole_model.csv"]))
 
     # 8. memory over one step (figure 9)
     tl = (["model=test_resnet", "batch_size=8", "img_size=64"] if q else ["model=resnet18", "batch_size=64"])

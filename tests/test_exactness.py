@@ -37,7 +37,7 @@ def run(argv: list[str], monkeypatch) -> int:
 def test_exactness_claims_hold_and_approximations_are_bounded(tmp_path, monkeypatch):
     out = tmp_path / "ex"
     argv = [f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}", "conv_inputs=[noise,block_constant]",
-            "conv_presets=[authors_b1,pool2,pool4,maxpool2,int8]"]
+            "conv_presets=[authors_b1,pool2,pool4,maxpool2,int8]", "parts=[ops]"]
     assert run(argv, monkeypatch) == 0
     df = pd.read_csv(out / "exactness.csv")
     assert set(PROV) <= set(df.columns) and (df["torch_threads"] == 1).all()
@@ -88,3 +88,80 @@ def test_committed_exactness_csv_backs_the_readme(capsys):
     # make reproduce runs it
     assert reproduce.main(["dry_run=true", "paper=false", "stages=exactness", "force=true"]) == 0
     assert "python -m benchmarks.exactness out_dir=" in capsys.readouterr().out
+
+
+def test_self_padding_convs_lose_block_alignment_and_keep_pad_input(tmp_path, monkeypatch):
+    """A conv that pads its input itself pools the padded tensor: on a block-constant input the zero-padded conv
+    is exact under pool4, the shifted ones are not; F.pad's saved input and StdConv's weight copy stay full."""
+    out = tmp_path / "ex"
+    argv = [f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}", "parts=[padding]", "padding.inputs=[block_constant]",
+            "padding.presets=[pool4]", "padding.bytes_presets=[pool4]"]
+    assert run(argv, monkeypatch) == 0
+    assert not (out / "exactness.csv").exists() and not (out / "whole_model.csv").exists()
+    df = pd.read_csv(out / "padding.csv")
+    assert set(PROV) <= set(df.columns) and (df["torch_threads"] == 1).all()
+    w = df[df["part"] == "weight_grad"].set_index("conv")["rel_l2"]
+    # blocks still start at the image's corner: exact up to rounding of the block means
+    for c in ("zero padding 3×3 s1 (reference)", "zero padding 3×3 s2 (reference)", "timm Conv2dSame 3×3 s2 ('same')",
+              "timm StdConv2d 3×3 s1"):
+        assert w[c] < 1e-6, c
+    # padded before the image: every block is shifted
+    for c in ("reflect padding 3×3 s1", "replicate padding 3×3 s1", "circular padding 3×3 s1",
+              "timm Conv2dSame 4×4 s1 ('same')"):
+        assert w[c] > 0.3, c
+    b = df[df["part"] == "saved_bytes"].set_index("conv")
+    n, c, h = 8, 16, 32  # the block-constant input, fp32
+    assert b.loc["zero padding 3×3 s1 (reference)", "saved_bytes"] == n * c * (h // 4) ** 2 * 4
+    assert b.loc["zero padding 3×3 s1 (reference)", "saved_bytes_native"] == n * c * h * h * 4
+    # reflect: F.pad keeps the full input, the conv the 4×4-pooled 34×34 padded tensor (9×9 blocks)
+    assert b.loc["reflect padding 3×3 s1", "saved_bytes"] == n * c * h * h * 4 + n * c * 9 * 9 * 4
+    assert b.loc["reflect padding 3×3 s1", "ratio_to_native"] > 0.5
+    # StdConv: the standardized 32×16×3×3 weight is saved in full next to the pooled input
+    assert b.loc["timm StdConv2d 3×3 s1", "saved_bytes"] >= n * c * (h // 4) ** 2 * 4 + 32 * c * 9 * 4
+    md = figures.md_exactness_padding(df, "results/exactness/padding.csv")
+    assert "| reflect padding 3×3 s1 | " in md and "saved vs native, pool4" in md
+
+
+def test_whole_model_cosine_tiny(tmp_path, monkeypatch):
+    out = tmp_path / "ex"
+    argv = [f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}", "parts=[whole_model]", "whole_model.input=noise",
+            "whole_model.models=[test_resnet]", "whole_model.presets=[none,full2]", "whole_model.points=[[2,32]]"]
+    assert run(argv, monkeypatch) == 0
+    df = pd.read_csv(out / "whole_model.csv").set_index("preset")
+    assert set(PROV) <= set(df.columns) and list(df.index) == ["none", "full2"]
+    # same init, same batch: the unconverted model reproduces native bitwise, the compressed one does not
+    assert df.loc["none", "cosine"] == pytest.approx(1.0, abs=1e-12) and df.loc["none", "rel_l2"] == 0
+    assert -1 <= df.loc["full2", "cosine"] < 1 and df.loc["full2", "rel_l2"] > 0
+    md = figures.md_whole_model(df.reset_index(), "results/exactness/whole_model.csv")
+    assert "| test_resnet | full2 | " in md and "batch 2, 32 px" in md
+
+
+def test_exactness_parts_bad_input_exits_2_and_keeps_earlier_csvs(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ex"
+    out.mkdir()
+    for f in ("exactness.csv", "padding.csv", "whole_model.csv"):
+        (out / f).write_text("earlier\n")
+    base = [f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}", "conv_inputs=[noise]", "padding.inputs=[noise]"]
+    assert run([*base, "parts=[ops,bogus]"], monkeypatch) == 2
+    assert run([*base, "parts=[padding]", "padding.bytes_presets=[int8]"], monkeypatch) == 2
+    assert run([*base, "parts=[whole_model]", "whole_model.points=[[2]]"], monkeypatch) == 2
+    assert run([*base, "parts=[whole_model]", "whole_model.input=cats"], monkeypatch) == 2
+    # a later part failing leaves the earlier parts' CSVs unwritten too
+    assert run([*base, "parts=[padding,whole_model]", "whole_model.presets=[nope]"], monkeypatch) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 5 and all(ln.startswith("error: ") for ln in err), err
+    assert "bogus" in err[0] and "int8" in err[1] and "cats" in err[3] and "nope" in err[4]
+    for f in ("exactness.csv", "padding.csv", "whole_model.csv"):
+        assert (out / f).read_text() == "earlier\n", f
+
+
+def test_committed_limits_csvs_back_the_readme(capsys):
+    text = (REPO / "README.md").read_text()
+    for f in ("padding.csv", "whole_model.csv"):
+        df = pd.read_csv(REPO / "results/exactness" / f)
+        assert set(PROV) <= set(df.columns) and (df["torch_threads"] == 1).all()
+        assert not df["git_sha"].str.endswith("dirty").any()
+        assert f"<!-- BEGIN results/exactness/{f} -->" in text  # its content: test_figures checks it
+    # make reproduce writes them (the exactness stage's outputs)
+    stage = next(s for s in reproduce.plan(reproduce.parse(["paper=false"])) if s.name == "exactness")
+    assert {p.name for p in stage.outputs} == {"exactness.csv", "padding.csv", "whole_model.csv"}
