@@ -913,9 +913,7 @@ def md_exactness(df: pd.DataFrame, rel: str) -> str:
                 if w.empty:
                     cells.append("—")
                     continue
-                w = w.iloc[0]
-                e = _rel_err(w)
-                cells.append(e if w["bitwise"] or float(w["rel_l2"]) < 1e-5 else f"{e}, cos {w['cosine']:.2f}")
+                cells.append(_grad_cell(w.iloc[0]))
             lines.append(f"| {p} | {exact} | " + " | ".join(cells) + " |")
         lines.append("")
     other = df[~df["op"].str.startswith("conv")]
@@ -934,6 +932,12 @@ def md_exactness(df: pd.DataFrame, rel: str) -> str:
             fcell = "bitwise" if fwd["bitwise"].all() else _rel_err(fwd.iloc[fwd["rel_l2"].argmax()])
             lines.append(f"| {op} | {g['input'].iloc[0]} {g['shape'].iloc[0]} | {fcell} | " + " | ".join(cells) + " |")
     return "\n".join(lines).rstrip("\n")
+
+
+def _grad_cell(r) -> str:
+    """A weight-gradient error cell: the error alone when (nearly) exact, else with its cosine."""
+    e = _rel_err(r)
+    return e if r["bitwise"] or float(r["rel_l2"]) < 1e-5 else f"{e}, cos {r['cosine']:.2f}"
 
 
 def md_exactness_padding(df: pd.DataFrame, rel: str) -> str:
@@ -958,9 +962,7 @@ def md_exactness_padding(df: pd.DataFrame, rel: str) -> str:
             if s.empty:
                 cells.append("—")
                 continue
-            r = s.iloc[0]
-            e = _rel_err(r)
-            cells.append(e if r["bitwise"] or float(r["rel_l2"]) < 1e-5 else f"{e}, cos {r['cosine']:.2f}")
+            cells.append(_grad_cell(s.iloc[0]))
         for p in bcols:
             s = b[(b["conv"] == conv) & (b["preset"] == p)]
             cells.append("—" if s.empty else f"{s['ratio_to_native'].iloc[0]:.3f}×")
