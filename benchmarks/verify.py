@@ -39,7 +39,7 @@ COLUMNS: dict[str, str] = {
     **{c: KEY for c in (
         "model", "preset", "model.name", "compression.name", "batch_size", "img_size", "image_size", "device.name",
         "amp", "channels_last", "optimizer", "model.num_classes", "model.in_chans", "dtype", "saved_by_op",
-        "budgets_gib", "max_batch", "verify_cuda", "warmup", "iters", "app", "sweep", "layer", "op_index",
+        "budgets_gib", "max_batch", "verify_cuda", "warmup", "iters", "compile", "app", "sweep", "layer", "op_index",
         "model_kwargs", "data", "seed", "n_train", "n_val", "optim", "target_kind", "baseline")},
     # predicted memory (meta) and saved bytes, and what is computed from them
     **{c: "memory" for c in (
@@ -61,7 +61,8 @@ COLUMNS: dict[str, str] = {
     **{c: "provenance" for c in ("git_sha", "torch_version", "timm_version", "python_version", "device_name",
                                  "date", "torch", "timm", "python")},
     **{c: "info" for c in ("point", "run_id", "message", "saved_note", "reached", "baseline_reached",
-                           "epochs_ratio")},
+                           "epochs_ratio", "fit_note")},
+    "lower_bound_*gib": "exact",  # fit: the answer reached max_batch (a lower bound)
 }
 # (CSV path pattern relative to the results root, {column: kind}) for names that mean different things
 OVERRIDES: list[tuple[str, dict[str, str]]] = [
