@@ -3,13 +3,12 @@ the approximations are real and bounded, bad input exits 2 without touching an e
 is rendered from the committed CSV."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
+from test_figures import run_app
 
 from benchmarks import exactness, figures, reproduce
 
@@ -20,17 +19,10 @@ PROV = ["git_sha", "torch_version", "timm_version", "python_version", "device_na
 
 
 def run(argv: list[str], monkeypatch) -> int:
-    monkeypatch.setattr(sys, "argv", ["benchmarks/exactness.py", *argv])
-    monkeypatch.setenv("HYDRA_MAIN_MODULE", "__main__")
     threads = torch.get_num_threads()
-    GlobalHydra.instance().clear()
     try:
-        exactness.main()
-        return 0
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
+        return run_app("exactness", argv, monkeypatch)
     finally:
-        GlobalHydra.instance().clear()
         torch.set_num_threads(threads)  # the app sets one thread for the whole process
 
 
