@@ -8,10 +8,7 @@ from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ActcompError(ValueError):
-    """Invalid configuration or model for compression (the message is one line, fit for a CLI)."""
-
+from .errors import ActcompError  # noqa: F401  (re-exported: actcomp.config.ActcompError predates errors.py)
 
 _CHOICES = {
     "conv_pool": ("avg", "max"),
