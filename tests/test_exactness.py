@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_figures import run_app
 
-from benchmarks import exactness, figures, reproduce
+from benchmarks import exactness, reproduce
+from benchmarks.plots import tables
 
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema:UserWarning")
 
@@ -52,7 +53,7 @@ def test_exactness_claims_hold_and_approximations_are_bounded(tmp_path, monkeypa
     relu = df[df["op"].str.startswith("ReLU,") & (df["output"] == "input")].set_index("preset")
     assert relu.loc[exactness.WHOLE_SET, "bitwise"] and not relu.loc["int8", "bitwise"]
     # The README renderer turns it into the two tables.
-    md = figures.md_exactness(df, "results/exactness/exactness.csv")
+    md = tables.md_exactness(df, "results/exactness/exactness.csv")
     assert "| pool4 | bitwise | " in md and "| ReLU, 1-bit mask | N(1, 3²)" in md
 
 
@@ -110,7 +111,7 @@ def test_self_padding_convs_lose_block_alignment_and_keep_pad_input(tmp_path, mo
     assert b.loc["reflect padding 3×3 s1", "ratio_to_native"] > 0.5
     # StdConv: the standardized 32×16×3×3 weight is saved in full next to the pooled input
     assert b.loc["timm StdConv2d 3×3 s1", "saved_bytes"] >= n * c * (h // 4) ** 2 * 4 + 32 * c * 9 * 4
-    md = figures.md_exactness_padding(df, "results/exactness/padding.csv")
+    md = tables.md_exactness_padding(df, "results/exactness/padding.csv")
     assert "| reflect padding 3×3 s1 | " in md and "saved vs native, pool4" in md
 
 
@@ -124,7 +125,7 @@ def test_whole_model_cosine_tiny(tmp_path, monkeypatch):
     # same init, same batch: the unconverted model reproduces native bitwise, the compressed one does not
     assert df.loc["none", "cosine"] == pytest.approx(1.0, abs=1e-12) and df.loc["none", "rel_l2"] == 0
     assert -1 <= df.loc["full2", "cosine"] < 1 and df.loc["full2", "rel_l2"] > 0
-    md = figures.md_whole_model(df.reset_index(), "results/exactness/whole_model.csv")
+    md = tables.md_whole_model(df.reset_index(), "results/exactness/whole_model.csv")
     assert "| test_resnet | full2 | " in md and "batch 2, 32 px" in md
 
 

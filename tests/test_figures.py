@@ -19,6 +19,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 from benchmarks import figures, reproduce, sweep
+from benchmarks.plots.readme import update_readme
 
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema:UserWarning")
 
@@ -126,7 +127,7 @@ def test_readme_blocks_render_from_csvs(toy_results, tmp_path):
     assert "| test_resnet | full4 |" in text and "| preset (vs `none`) |" in text
     assert "keep" in text and text.startswith("intro\n") and text.endswith("end\n")
     # rendering is idempotent
-    assert figures.update_readme(readme, R, lambda m: None) == 0
+    assert update_readme(readme, R, lambda m: None) == 0
 
 
 def test_committed_readme_tables_match_committed_csvs(tmp_path):
@@ -134,7 +135,7 @@ def test_committed_readme_tables_match_committed_csvs(tmp_path):
     copy = tmp_path / "README.md"
     shutil.copy(REPO / "README.md", copy)
     notes = []
-    assert figures.update_readme(copy, REPO / "results", notes.append) == 0, notes
+    assert update_readme(copy, REPO / "results", notes.append) == 0, notes
     assert copy.read_text() == (REPO / "README.md").read_text()
 
 

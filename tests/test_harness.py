@@ -17,6 +17,10 @@ from test_benchmarks import CONF, TINY, _results_snapshot, last_line, run_app
 
 from benchmarks import figures, sweep, whole_set
 from benchmarks.common import atomic_write
+from benchmarks.plots import data as plot_data
+from benchmarks.plots import memory as plot_memory
+from benchmarks.plots import style as plot_style
+from benchmarks.plots.tables import md_fit
 
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema:UserWarning")
 REPO = Path(__file__).resolve().parent.parent
@@ -134,7 +138,7 @@ def test_fit_answer_at_max_batch_is_a_lower_bound(tmp_path, monkeypatch):
     assert r.max_batch_0p001gib < 4 and not bool(r.lower_bound_0p001gib)
     assert "hit max_batch=4: lower bounds" in r.fit_note
     # figures and the README table mark it
-    md = figures.md_fit(pd.read_csv(tmp_path / "results" / "fit" / "t.csv"), "x")
+    md = md_fit(pd.read_csv(tmp_path / "results" / "fit" / "t.csv"), "x")
     assert "| ≥4 |" in md
 
 
@@ -213,8 +217,8 @@ def test_figures_draw_only_their_sweeps_and_name_every_run(tmp_path):
     mixed = pd.read_csv(R / "memory/memory_batch.csv")
     mixed.loc[0, "git_sha"], mixed.loc[0, "date"] = "second000000", "2030-01-02T00:00:00Z"
     mixed.to_csv(R / "memory/memory_batch.csv", index=False)
-    plt = figures._plt()
-    fig = figures.fig3_peak_vs_batch(figures.Results(R), plt)
+    plt = plot_style.pyplot()
+    fig = plot_memory.fig3_peak_vs_batch(plot_data.Results(R), plt)
     footer = " ".join(t.get_text() for t in fig.texts)
     plt.close(fig)
     assert "memory_batch.csv" in footer and "adhoc" not in footer
@@ -226,7 +230,7 @@ def test_figures_draw_only_their_sweeps_and_name_every_run(tmp_path):
 def test_provenance_note_lists_every_run():
     df = pd.DataFrame(dict(device_name=["cpu A", "cpu A", "gpu B"], git_sha=["aaa", "aaa", "bbb"],
                            date=["2026-01-01T10:00", "2026-01-01T11:00", "2026-02-03T00:00"]))
-    assert figures.provenance_note(df) == "cpu A + gpu B, git aaa, bbb, 2026-01-01, 2026-02-03"
+    assert plot_data.provenance_note(df) == "cpu A + gpu B, git aaa, bbb, 2026-01-01, 2026-02-03"
 
 
 def test_speed_csv_with_only_non_default_rows_skips_fig8_and_draws_fig9(tmp_path, capsys):

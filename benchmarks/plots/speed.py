@@ -1,0 +1,134 @@
+"""Figures 8-9: step-time overhead vs native and memory over one training step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data import SWEEPS, Missing, Results, default_settings, most_common, provenance_note, sweep_frame
+from .style import MIB, PHASE_COLORS, footer, label, line_style, sort_presets
+
+
+def fig8_speed(R: Results, plt):
+    frames = []
+    for p in sorted(R.root.glob(SWEEPS["fig8"])):
+        d = sweep_frame(R.read(p, ("model.name", "compression.name", "ratio_to_none")))
+        d = default_settings(d)
+        d["_source"] = R.rel(p)
+        frames.append(d)
+    ws = R.root / "whole_set/speed.csv"
+    if ws.is_file():
+        d = R.read(ws, ("preset", "ratio_to_none"))
+        d = d[d["preset"] != "none"].copy()
+        d["_source"] = R.rel(ws)
+        frames.append(d)
+    if not frames:
+        raise Missing(f"no {R.rel(R.root)}/speed/speed_cpu.csv nor whole_set/speed.csv "
+                      f"(run: python -m benchmarks.speed -m experiment=speed_cpu)")
+    df = pd.concat(frames, ignore_index=True)
+    df = df[df["preset"] != "none"]
+    if df.empty:
+        raise Missing("the speed CSVs hold no point other than none at the default settings "
+                      "(fp32, no AMP, NCHW, SGD)")
+
+    def series(r) -> str:
+        bits = [str(r.get("model", "?"))]
+        if pd.notna(r.get("batch_size", np.nan)):
+            bits.append(f"b{int(r['batch_size'])}")
+        if pd.notna(r.get("img_size", np.nan)):
+            bits.append(f"{int(r['img_size'])}px")
+        dev = r.get("device_name", r.get("device", ""))
+        bits.append(str(dev).split(":")[0] if pd.notna(dev) else "")
+        return " ".join(b for b in bits if b) + f" [{Path(r['_source']).parent.name}]"
+
+    df["series"] = [series(r) for _, r in df.iterrows()]
+    df = df.drop_duplicates(subset=["series", "preset"], keep="last")
+    presets = sort_presets(df["preset"])
+    ser = list(dict.fromkeys(df["series"]))
+    fig, ax = plt.subplots(figsize=(min(14, max(8, 0.6 * len(presets) * max(1, len(ser) / 2) + 3)), 5.4))
+    w = 0.85 / len(ser)
+    cmap = plt.get_cmap("tab10")
+    for j, s in enumerate(ser):
+        g = df[df["series"] == s].set_index("preset").reindex(presets)
+        xs = np.arange(len(presets)) + (j - (len(ser) - 1) / 2) * w
+        bars = ax.bar(xs, g["ratio_to_none"], w, color=cmap(j % 10), label=s)
+        for b, v in zip(bars, g["ratio_to_none"]):
+            if np.isfinite(v):
+                # Two digits: one median of a few steps per bar does not support a third.
+                ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom",
+                        fontsize=7 if len(ser) > 2 else 8)
+        for x, p, v in zip(xs, presets, g["ratio_to_none"]):
+            if p == "authors_b1" and np.isfinite(v):  # the authors' baseline: hatched, as elsewhere
+                ax.bar(x, v, w, color="none", edgecolor="black", hatch="///")
+    ax.axhline(1.0, color="black", lw=2, label="none (native PyTorch) = 1")
+    ax.set_xticks(range(len(presets)), presets, rotation=30, ha="right")
+    for t in ax.get_xticklabels():
+        if t.get_text() == "authors_b1":
+            t.set_fontweight("bold")
+    ax.set_ylabel("training-step time / native step time")
+    iters = sorted({int(i) for i in df["iters"].dropna()}) if "iters" in df else []
+    per_bar = f"one median of {'/'.join(map(str, iters))} interleaved steps per bar" if iters else \
+        "median of interleaved steps"
+    ax.set_title(f"Step-time overhead vs native PyTorch (measured, {per_bar}, same process)",
+                 pad=8 + 14 * ((len(ser) + 2) // 3))
+    ax.set_ylim(0, np.nanmax(df["ratio_to_none"].to_numpy(float)) * 1.1)
+    # Legend above the bars (a corner would hide the labels of the first group).
+    ax.legend(fontsize=8.5, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
+    footer(fig, f"{', '.join(sorted(set(df['_source'])))}; {provenance_note(df)}")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    return fig
+
+
+def fig9_timeline(R: Results, plt):
+    paths = R.csvs("timeline/*.csv", "run: python -m benchmarks.timeline")
+    frames = [R.read(p, ("preset", "op_index", "phase", "allocated_bytes")) for p in paths]
+    heights = []
+    for df in frames:
+        heights += [4.0, 0.28 * df["preset"].nunique() + 0.2]
+    fig, axes = plt.subplots(len(heights), 1, figsize=(12, sum(heights) + 1.0 * len(paths)),
+                             gridspec_kw=dict(height_ratios=heights), squeeze=False)
+    axes = axes[:, 0]
+    for k, (path, df) in enumerate(zip(paths, frames)):
+        ax, strip = axes[2 * k], axes[2 * k + 1]
+        presets = sort_presets(df["preset"])
+        for p in presets:
+            g = df[df["preset"] == p].sort_values("op_index")
+            st = line_style(p)
+            y = g["allocated_bytes"].to_numpy() / MIB
+            ax.plot(g["op_index"], y, label=f"{label(p)}: peak {y.max():.0f} MiB, {len(g)} ops",
+                    drawstyle="steps-post", **{**st, "lw": st["lw"] * 0.75})
+            ipk = int(np.argmax(y))
+            ax.plot(g["op_index"].iloc[ipk], y[ipk], marker="v", color=st["color"], ms=8, ls="none")
+        # Phase strip: which part of the step each op belongs to, per preset (op counts differ between presets).
+        for i, p in enumerate(presets):
+            g = df[df["preset"] == p].sort_values("op_index")
+            runs = (g["phase"] != g["phase"].shift()).cumsum()
+            for _, seg in g.groupby(runs):
+                ph = seg["phase"].iloc[0]
+                strip.barh(i, seg["op_index"].iloc[-1] + 1 - seg["op_index"].iloc[0], left=seg["op_index"].iloc[0],
+                           height=0.8, color=PHASE_COLORS.get(ph, "#cccccc"), edgecolor="none")
+        strip.set_yticks(range(len(presets)), presets, fontsize=8)
+        strip.invert_yaxis()
+        strip.set_xlim(ax.get_xlim())
+        strip.grid(False)
+        from matplotlib.patches import Patch
+
+        seen = [ph for ph in PHASE_COLORS if ph in set(df["phase"])]
+        strip.legend([Patch(color=PHASE_COLORS[ph]) for ph in seen], seen, ncol=len(seen), fontsize=7.5,
+                     loc="upper center", bbox_to_anchor=(0.5, -0.35), frameon=False)
+        model = most_common(df["model"]) if "model" in df else path.stem
+        bs = int(most_common(df["batch_size"])) if "batch_size" in df else "?"
+        img = int(most_common(df["img_size"])) if "img_size" in df else "?"
+        how = str(most_common(df["method"])) if "method" in df else ""
+        strip.set_xlabel("op index within the training step (aten ops in dispatch order)")
+        ax.set_ylabel("allocated, MiB")
+        ax.set_ylim(bottom=0)
+        ax.set_xticklabels([])
+        ax.set_title(f"Memory over one training step: {model}, batch {bs}, {img} px, fp32, SGD momentum — {how}",
+                     fontsize=10)
+        ax.legend(loc="upper right")
+    footer(fig, f"{'; '.join(R.rel(p) for p in paths)}; {provenance_note(pd.concat(frames, ignore_index=True))}")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    return fig
+
