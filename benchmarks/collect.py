@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from actcomp.errors import one_line
+
 from .sweep import BenchError, collect
 
 
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = collect(args.dirs, out_dir=args.out_dir)
     except BenchError as e:
-        print(f"collect: {e}", file=sys.stderr)
+        print(f"collect: {one_line(e)}", file=sys.stderr)
         return 2
     if not written:
         print(f"collect: no sweep records or job summaries under {', '.join(map(str, args.dirs))}", file=sys.stderr)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+from actcomp.errors import one_line
 from actcomp.provenance import provenance  # noqa: F401  (re-exported for the apps)
 
 
@@ -194,11 +195,15 @@ def atomic_write_csv(df, path) -> None:
     atomic_write(path, df.to_csv(index=False))
 
 
+# Two column schemes for the same provenance, both in committed CSVs (whose columns never change):
+# PROVENANCE_COLS (provenance_row) in the sweeps' CSVs (memory/, speed/, fit/), train/, exactness/, timeline/ and
+# logs/reproduce_stages.csv; actcomp.provenance's own keys (git_sha, torch, timm, python, device, date) in table/
+# and whole_set/. Both come from actcomp.provenance.provenance, the one place that reads them.
 PROVENANCE_COLS = ("git_sha", "torch_version", "timm_version", "python_version", "device_name", "date")
 
 
 def provenance_row(device: str) -> dict:
-    """:func:`provenance` under the column names of the result CSVs (PROVENANCE_COLS)."""
+    """:func:`provenance` under the column names of most result CSVs (PROVENANCE_COLS; see above)."""
     p = provenance(device)
     return dict(git_sha=p["git_sha"], torch_version=p["torch"], timm_version=p["timm"],
                 python_version=p["python"], device_name=p["device"], date=p["date"])
@@ -208,6 +213,5 @@ def fail(err: BaseException, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit (for bad input in the apps)."""
     import sys
 
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    print(f"error: {msg}", file=sys.stderr)
+    print(f"error: {one_line(err, typed=False)}", file=sys.stderr)
     raise SystemExit(code)

@@ -18,6 +18,7 @@ import os
 import hydra
 from omegaconf import DictConfig, ListConfig
 
+from actcomp.errors import one_line
 from actcomp.memory import largest_batches, verify_largest_batch_cuda
 
 from .sweep import (
@@ -28,7 +29,6 @@ from .sweep import (
     cli,
     compression_spec,
     is_oom,
-    one_line,
     run_point,
 )
 

@@ -48,12 +48,11 @@ FULL = dict(models="resnet18,resnet50,efficientnet_b0,convnext_tiny", batches="3
 
 
 def _ints(s: str, key: str, lo: int = 1) -> list[int]:
-    try:
-        vals = [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{key}={s!r}: give integers separated by commas") from None
-    if not vals or min(vals) < lo:
-        raise ValueError(f"{key}={s!r}: give integers >= {lo}")
+    from .errors import int_option
+
+    vals = [int_option(v, key, lo, text=True, error=ValueError) for v in s.split(",") if v.strip()]
+    if not vals:
+        raise ValueError(f"{key}={s!r}: give integers >= {lo}, separated by commas")
     return vals
 
 
@@ -111,8 +110,9 @@ class Clock:
 
 
 def _err(e: BaseException) -> str:
-    s = str(e).strip()
-    return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"[:300]
+    from actcomp.errors import one_line
+
+    return one_line(e, limit=300, typed=True)
 
 
 def check_memory(o: dict, clock: Clock) -> list[dict]:

@@ -7,7 +7,7 @@
 Records, per point: saved-for-backward bytes by op kind (``actcomp.saved_bytes``; on meta, or on cpu for
 device=cpu; not available for the hook-based peers ckpt/int8/offload, noted in ``saved_note``) and the peak
 of a full step with its breakdown (``actcomp.memory.step_memory``: predicted on meta, measured on cpu, measured
-+ predicted on cuda). Results: <out_dir>/memory/<sweep>.csv, out_dir=scratch by default (see benchmarks/sweep.py for the layout).
++ predicted on cuda). Results: <out_dir>/memory/<sweep>.csv, out_dir=scratch by default (see benchmarks/sweep/ for the layout).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 import actcomp
+from actcomp.errors import one_line
 from actcomp.memory import build_model, step_memory
 
 from .sweep import CONF_DIR, check_block, check_common, cli, compression_spec, run_point
@@ -55,7 +56,7 @@ def saved_by_op(cfg: DictConfig, spec) -> dict:
                 rep = actcomp.saved_bytes(model, x)
         except (RuntimeError, ValueError, AssertionError, IndexError, ZeroDivisionError) as e:
             raise actcomp.ActcompError(f"{cfg.model.name} failed in forward at img_size={cfg.img_size} "
-                                       f"(image too small for the model or block size?): {str(e).splitlines()[0]}"
+                                       f"(image too small for the model or block size?): {one_line(e, typed=False)}"
                                        ) from None
     out = dict(saved_total_bytes=rep.total_bytes, saved_device=dev if not cfg.amp else f"{cfg.device.name}+amp")
     out.update({f"saved_{k.replace(' ', '_')}_bytes": v for k, v in sorted(rep.by_kind.items())})

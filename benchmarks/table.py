@@ -18,16 +18,13 @@ from actcomp.memory import build_model
 from actcomp.provenance import provenance
 
 from .common import atomic_write_csv, fail
-from .sweep import CONF_DIR, BenchError, check_block, cli
+from .sweep import CONF_DIR, BenchError, check_block, cli, int_option
 
 MIB = 2.0**20
 
 
 def _positive_int(cfg: DictConfig, key: str) -> int:
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise BenchError(f"{key} must be >= 1 (an integer), got {v!r}")
-    return v
+    return int_option(cfg.get(key), key, 1, message="{key} must be >= {lo} (an integer), got {v!r}")
 
 
 def measure(cfg: DictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:

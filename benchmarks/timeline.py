@@ -17,10 +17,9 @@ import pandas as pd
 from omegaconf import DictConfig, ListConfig
 
 import actcomp
-from actcomp.provenance import provenance
 from actcomp.timeline import step_timeline
 
-from .common import atomic_write_csv, fail
+from .common import atomic_write_csv, fail, provenance_row
 from .sweep import BenchError, check_block, cli
 
 MIB = 2.0**20
@@ -52,9 +51,7 @@ def measure(cfg: DictConfig) -> pd.DataFrame:
         df.insert(4, "method", method)
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)
-    prov = provenance(device)
-    for k, v in dict(git_sha=prov["git_sha"], torch_version=prov["torch"], timm_version=prov["timm"],
-                     python_version=prov["python"], device_name=prov["device"], date=prov["date"]).items():
+    for k, v in provenance_row(device).items():
         out[k] = v
     return out
 

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actcomp import ActcompError
 from actcomp.data import build_data
+from actcomp.errors import one_line
 from actcomp.training import EPOCH_COLUMNS, TrainConfig, cpu_numerics, overhead_table, pin_cpu_numerics, train
 
 from .common import (
@@ -45,7 +46,7 @@ from .common import (
     provenance_row,
     wandb_run,
 )
-from .sweep import GROUPS, BenchError, check_block, compression_spec, preflight
+from .sweep import GROUPS, BenchError, check_block, compression_spec, int_option, preflight
 
 # Hydra sends this logger to the console and to <run dir>/train.log (the console format: conf/train.yaml).
 log = logging.getLogger("benchmarks.train")
@@ -71,11 +72,7 @@ def _container(x):
 def check_config(cfg: DictConfig) -> None:
     """Scalar keys a typo would otherwise turn into a traceback deep inside training (one line each)."""
     def _int(key, lo, none_ok=False):
-        v = cfg.get(key)
-        if v is None and none_ok:
-            return
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise BenchError(f"{key}={v!r}: must be an integer >= {lo}" + (" or null" if none_ok else ""))
+        int_option(cfg.get(key), key, lo, none_ok=none_ok)
 
     _int("seed", 0)
     _int("epochs", 1)
@@ -305,7 +302,7 @@ def main(cfg: DictConfig) -> dict:
         return run(cfg)
     except (ActcompError, BenchError, FileNotFoundError, PermissionError) as e:
         # SystemExit passes through Hydra (it only catches Exception): one line and status 2.
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {one_line(e, typed=False)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -422,8 +419,7 @@ def log_overhead_wandb(config: DictConfig, summary, baseline: str) -> None:
                 wb.summary.update(overhead_summary(summary))
                 wb.log({"overhead": wandb.Table(dataframe=summary.astype(str))})
     except Exception as e:  # noqa: BLE001
-        print(f"train: W&B logging of the overhead skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-              file=sys.stderr)
+        print(f"train: W&B logging of the overhead skipped: {one_line(e, limit=250, typed=True)}", file=sys.stderr)
 
 
 def collect_cli(argv: list[str]) -> int:

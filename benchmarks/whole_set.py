@@ -17,12 +17,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import actcomp
 from actcomp.data import build_data
 from actcomp.diagnostics import grad_cosine
+from actcomp.errors import one_line
 from actcomp.memory import build_model, step_memory
 from actcomp.provenance import provenance
 from actcomp.speed import compare_step_times
 
 from .common import atomic_write_csv, fail
-from .sweep import BenchError, check_block, ensure_writable
+from .sweep import BenchError, check_block, ensure_writable, int_option
 
 GIB = 2.0**30
 
@@ -38,7 +39,7 @@ def peaks(c) -> pd.DataFrame:
                                  activation_gib=m.breakdown.get("activation", 0) / GIB,
                                  after_forward_gib=m.after_forward_bytes / GIB, status="ok", message=""))
             except (actcomp.ActcompError, RuntimeError, NotImplementedError) as e:  # recorded, run goes on
-                rows.append(dict(model=model, preset=p, status="error", message=str(e).splitlines()[0][:200]))
+                rows.append(dict(model=model, preset=p, status="error", message=one_line(e, limit=200, typed=False)))
     df = pd.DataFrame(rows)
     for col in ("peak_gib", "activation_gib", "after_forward_gib"):  # absent when every point failed
         if col not in df:
@@ -124,9 +125,7 @@ def effective_config(cfg: DictConfig) -> DictConfig:
             if key not in given:
                 OmegaConf.update(cfg, key, value, merge=False)
     for key, lo in _INTS.items():
-        v = OmegaConf.select(cfg, key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise BenchError(f"{key}={v!r}: must be an integer >= {lo}")
+        int_option(OmegaConf.select(cfg, key), key, lo)
     for key in ("peak.models", "peak.presets", "speed.presets", "cosine.presets"):
         v = OmegaConf.select(cfg, key)
         if not isinstance(v, ListConfig) or not v:

@@ -18,8 +18,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from benchmarks import sweep
+from benchmarks.common import atomic_write
 
-# Our launcher yamls share the plugins' schema names on purpose (see benchmarks/sweep.py).
+# Our launcher yamls share the plugins' schema names on purpose (see benchmarks/sweep/__init__.py).
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema:UserWarning")
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -255,10 +256,10 @@ def test_unwritable_output_dir(seeded, monkeypatch, capsys, multirun):
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     p = tmp_path / "a.csv"
-    sweep.atomic_write(p, "old\n")
+    atomic_write(p, "old\n")
 
     with pytest.raises(TypeError):
-        sweep.atomic_write(p, 123)  # fails while writing: the old content stays, no temp file left
+        atomic_write(p, 123)  # fails while writing: the old content stays, no temp file left
     assert p.read_text() == "old\n" and [f.name for f in tmp_path.iterdir()] == ["a.csv"]
 
 

@@ -69,7 +69,7 @@ class Results:
 
 
 def sweep_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """A sweep CSV (benchmarks/sweep.py layout) with short column names; ok points only."""
+    """A sweep CSV (benchmarks/sweep/ layout) with short column names; ok points only."""
     df = df.rename(columns={"model.name": "model", "compression.name": "preset", "device.name": "device"})
     if "status" in df:
         df = df[df["status"] == "ok"]
