@@ -317,3 +317,23 @@ def test_joblib_sweep_installs_and_restores_stop_handlers(monkeypatch):
     for sig, h in cb._old_handlers.items():
         signal.signal(sig, h)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_int_option_and_bench_errors_are_one_line_user_messages():
+    from actcomp import ActcompError
+    from actcomp.errors import one_line
+    from benchmarks.errors import BenchError, OutputError, int_option
+
+    assert issubclass(OutputError, BenchError) and issubclass(BenchError, ActcompError)
+    assert one_line(BenchError("k=0: must be an integer >= 1\ndetail")) == "k=0: must be an integer >= 1"
+    assert int_option(3, "k") == 3 and int_option(0, "k", lo=0) == 0
+    assert int_option(None, "k", none_ok=True) is None
+    assert int_option(" 8", "k", text=True) == 8  # a plain key=value command line gives text
+    for v, msg in (("8", "k='8': must be an integer >= 1"), (True, "k=True: must be"), (2.0, "k=2.0: must be"),
+                   (0, "k=0: must be an integer >= 1"), (None, "k=None: must be")):
+        with pytest.raises(BenchError, match=msg):
+            int_option(v, "k")  # a Hydra value must already be an int: "8" was quoted on purpose
+    with pytest.raises(BenchError, match=r"k=-1: must be an integer >= 0 or null"):
+        int_option(-1, "k", lo=0, none_ok=True)
+    with pytest.raises(ValueError, match="k='x': must be an integer >= 1"):
+        int_option("x", "k", text=True, error=ValueError)
