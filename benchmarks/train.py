@@ -439,7 +439,7 @@ def collect_cli(argv: list[str]) -> int:
         res = collect(runs, a.out, a.baseline, [float(t) for t in a.targets.split(",") if t],
                       [float(t) for t in a.deltas.split(",") if t])
     except (ActcompError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e, typed=False)}", file=sys.stderr)
         return 2
     print(f"collected {len(runs)} run(s) into {a.out}/ ({len(res['epochs'])} epoch rows)")
     return 0
