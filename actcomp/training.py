@@ -361,7 +361,7 @@ def _memory_rows(model: nn.Module, cfg: TrainConfig, x: torch.Tensor, num_classe
         except ValueError:
             pass  # hook-based peers (ckpt/int8/offload) hide their saved tensors from the graph walk
         try:
-            from .memory import step_memory
+            from .measure import step_memory
 
             sm = step_memory(copy.deepcopy(model), x.shape[0], img_size=x.shape[-1], device="meta",
                              optimizer=str(cfg.opt.get("opt", "sgd")), num_classes=num_classes,
