@@ -117,6 +117,76 @@ def train(cfg: TrainConfig, data: DataBundle, callback: Callable[[dict], None] |
             dist.destroy_process_group()
 
 
+def _train(cfg: TrainConfig, data: DataBundle, callback, d: Dist) -> TrainResult:
+    from timm.scheduler import create_scheduler_v2
+
+    r = setup(cfg, data, d)
+    done = checkpoint.resume(cfg, d, r.model, r.optimizer, r.scheduler, r.scaler, lambda n: checkpoint.schedule_state(
+        cfg, n, len(r.train_loader), create_scheduler_v2))
+    r.num_updates, history, cosines = done.num_updates, done.history, done.cosines
+    # Fixed batch for the gradient-cosine diagnostic: the first training samples, the same for every preset.
+    cos_batch = None
+    if cfg.grad_cosine and d.main:
+        xs, ys = first_batch(data.train, cfg.batch_size)
+        cos_batch = (xs.to(d.device), ys.to(d.device))
+    mem: dict | None = None
+    finished = True
+
+    for epoch in range(done.epoch, r.num_epochs):
+        e1 = epoch + 1
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
+        lr0 = r.optimizer.param_groups[0]["lr"]  # the rate the epoch starts with (per-step schedules move it)
+        sums, train_time, cpu_time = train_epoch(r, epoch)
+        tl, tc, tn = all_sum(sums, d)
+        if not math.isfinite(tl):
+            raise TrainError(f"training loss became non-finite in epoch {e1} (preset {r.preset})")
+
+        t1 = time.perf_counter()
+        vl, v1, v5, vn = evaluate(r.model, r.val_loader, d, r.amp_dtype, r.fmt)
+        eval_time = time.perf_counter() - t1
+
+        prev = history[-1] if history else dict(samples_seen=0, elapsed_s=0.0)
+        row = dict(epoch=e1, samples_seen=int(tn) + prev["samples_seen"], lr=lr0, train_loss=tl / tn,
+                   train_top1=100 * tc / tn, val_loss=vl / vn, val_top1=100 * v1 / vn, val_top5=100 * v5 / vn,
+                   epoch_time_s=train_time, eval_time_s=eval_time, cpu_time_s=cpu_time,
+                   elapsed_s=prev["elapsed_s"] + train_time + eval_time,
+                   images_per_s=tn / train_time if train_time > 0 else float("nan"))  # all processes together
+        r.scheduler.step(e1, row["val_top1"])
+
+        if d.device.type == "cuda":
+            row.update(peak_mem_mib=torch.cuda.max_memory_allocated(d.device) / MIB,
+                       peak_mem_source="cuda max_memory_allocated", saved_mib=float("nan"))
+        elif cfg.memory and d.main:
+            if mem is None:  # independent of the weights: computed once per process
+                xb, _ = first_batch(data.train, cfg.batch_size)
+                mem = memory_columns(r.model, xb.to(memory_format=r.fmt), data.num_classes,
+                                     str(cfg.opt.get("opt", "sgd")), bool(cfg.amp), cfg.channels_last)
+            row.update(mem)
+        else:
+            row.update(peak_mem_mib=float("nan"), peak_mem_source="not measured", saved_mib=float("nan"))
+        cols, rows = cosine_columns(r.model, cos_batch, e1)
+        row.update(cols)
+        cosines.extend(rows)
+
+        history.append(row)
+        rngs = all_rng_states(rng_state(), d)
+        if d.main and cfg.ckpt_path:
+            checkpoint.save(Path(cfg.ckpt_path), cfg, e1, r.num_updates, r.model, r.optimizer, r.scheduler,
+                            r.scaler, history, cosines, rngs)
+        if d.main and callback is not None:
+            with preserved_rng():  # whatever the callback does, the next epoch starts from the checkpointed state
+                callback(dict(row, preset=r.preset))
+        if cfg.stop_after_epoch is not None and e1 >= cfg.stop_after_epoch and e1 < r.num_epochs:
+            finished = False
+            break
+
+    summary = summarize(history, cfg.targets)
+    summary.update(preset=r.preset, model=cfg.model, epochs_planned=r.num_epochs, finished=finished,
+                   world_size=d.world, device=str(d.device), n_train=len(data.train), n_val=len(data.val))
+    return TrainResult(history, summary, finished, cosines)
+
+
 def setup(cfg: TrainConfig, data: DataBundle, d: Dist) -> Run:
     """Seeds, model, loaders, optimizer and schedule of a run (no checkpoint loaded yet)."""
     from timm.optim import create_optimizer_v2
@@ -202,76 +272,6 @@ def train_epoch(r: Run, epoch: int) -> tuple[list[float], float, float]:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     bar.close()
     return sums.tolist(), wall, cpu
-
-
-def _train(cfg: TrainConfig, data: DataBundle, callback, d: Dist) -> TrainResult:
-    from timm.scheduler import create_scheduler_v2
-
-    r = setup(cfg, data, d)
-    done = checkpoint.resume(cfg, d, r.model, r.optimizer, r.scheduler, r.scaler, lambda n: checkpoint.schedule_state(
-        cfg, n, len(r.train_loader), create_scheduler_v2))
-    r.num_updates, history, cosines = done.num_updates, done.history, done.cosines
-    # Fixed batch for the gradient-cosine diagnostic: the first training samples, the same for every preset.
-    cos_batch = None
-    if cfg.grad_cosine and d.main:
-        xs, ys = first_batch(data.train, cfg.batch_size)
-        cos_batch = (xs.to(d.device), ys.to(d.device))
-    mem: dict | None = None
-    finished = True
-
-    for epoch in range(done.epoch, r.num_epochs):
-        e1 = epoch + 1
-        if d.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(d.device)
-        lr0 = r.optimizer.param_groups[0]["lr"]  # the rate the epoch starts with (per-step schedules move it)
-        sums, train_time, cpu_time = train_epoch(r, epoch)
-        tl, tc, tn = all_sum(sums, d)
-        if not math.isfinite(tl):
-            raise TrainError(f"training loss became non-finite in epoch {e1} (preset {r.preset})")
-
-        t1 = time.perf_counter()
-        vl, v1, v5, vn = evaluate(r.model, r.val_loader, d, r.amp_dtype, r.fmt)
-        eval_time = time.perf_counter() - t1
-
-        prev = history[-1] if history else dict(samples_seen=0, elapsed_s=0.0)
-        row = dict(epoch=e1, samples_seen=int(tn) + prev["samples_seen"], lr=lr0, train_loss=tl / tn,
-                   train_top1=100 * tc / tn, val_loss=vl / vn, val_top1=100 * v1 / vn, val_top5=100 * v5 / vn,
-                   epoch_time_s=train_time, eval_time_s=eval_time, cpu_time_s=cpu_time,
-                   elapsed_s=prev["elapsed_s"] + train_time + eval_time,
-                   images_per_s=tn / train_time if train_time > 0 else float("nan"))  # all processes together
-        r.scheduler.step(e1, row["val_top1"])
-
-        if d.device.type == "cuda":
-            row.update(peak_mem_mib=torch.cuda.max_memory_allocated(d.device) / MIB,
-                       peak_mem_source="cuda max_memory_allocated", saved_mib=float("nan"))
-        elif cfg.memory and d.main:
-            if mem is None:  # independent of the weights: computed once per process
-                xb, _ = first_batch(data.train, cfg.batch_size)
-                mem = memory_columns(r.model, xb.to(memory_format=r.fmt), data.num_classes,
-                                     str(cfg.opt.get("opt", "sgd")), bool(cfg.amp), cfg.channels_last)
-            row.update(mem)
-        else:
-            row.update(peak_mem_mib=float("nan"), peak_mem_source="not measured", saved_mib=float("nan"))
-        cols, rows = cosine_columns(r.model, cos_batch, e1)
-        row.update(cols)
-        cosines.extend(rows)
-
-        history.append(row)
-        rngs = all_rng_states(rng_state(), d)
-        if d.main and cfg.ckpt_path:
-            checkpoint.save(Path(cfg.ckpt_path), cfg, e1, r.num_updates, r.model, r.optimizer, r.scheduler,
-                            r.scaler, history, cosines, rngs)
-        if d.main and callback is not None:
-            with preserved_rng():  # whatever the callback does, the next epoch starts from the checkpointed state
-                callback(dict(row, preset=r.preset))
-        if cfg.stop_after_epoch is not None and e1 >= cfg.stop_after_epoch and e1 < r.num_epochs:
-            finished = False
-            break
-
-    summary = summarize(history, cfg.targets)
-    summary.update(preset=r.preset, model=cfg.model, epochs_planned=r.num_epochs, finished=finished,
-                   world_size=d.world, device=str(d.device), n_train=len(data.train), n_val=len(data.val))
-    return TrainResult(history, summary, finished, cosines)
 
 
 __all__ = ["Run", "accuracy_counts", "build_model", "evaluate", "setup", "train", "train_epoch"]
