@@ -16,7 +16,6 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Measurement API (adds ~10 ms: timm and MemTracker are imported on first use only).
-from .memory import StepMemory, largest_batch, step_memory  # noqa: E402
-from .speed import compare_step_times  # noqa: E402
+from .measure import StepMemory, compare_step_times, largest_batch, step_memory  # noqa: E402
 
 __all__ += ["StepMemory", "compare_step_times", "largest_batch", "step_memory"]

@@ -6,7 +6,7 @@ under the op that runs last in the forward pass) and leaves out parameters and b
 and ``meta`` (storages are told apart by their C++ identity, not by data pointers, which are 0 on meta).
 
 Models converted with a hook-based peer (``ckpt``, ``int8``, ``offload``) hide their saved tensors behind
-hooks; use :mod:`actcomp.memory` (peak of a training step) for those.
+hooks; use :mod:`actcomp.measure` (peak of a training step) for those.
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def saved_bytes(model: nn.Module, example_input: torch.Tensor) -> SavedReport:
 
     cfg = config_of(model)
     if cfg is not None and cfg.peer != "none":
-        raise ValueError(f"saved_bytes() cannot see through peer {cfg.peer!r}'s hooks; use actcomp.memory instead")
+        raise ValueError(f"saved_bytes() cannot see through peer {cfg.peer!r}'s hooks; use actcomp.measure instead")
     was = model.training
     model.train()
     try:

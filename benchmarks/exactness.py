@@ -194,7 +194,7 @@ def _all_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
 
 def measure_whole_model(cfg: DictConfig) -> pd.DataFrame:
     """Cosine and rel. L2 of all parameter gradients concatenated, compressed vs native, per batch × image size."""
-    from actcomp.memory import build_model
+    from actcomp.models import build_model
 
     c = cfg.whole_model
     for p in c.presets:

@@ -3,7 +3,7 @@
     python -m benchmarks.fit model=efficientnet_b0 compression=pool4
     python -m benchmarks.fit -m model=resnet18,resnet50,efficientnet_b0 compression=none,authors_b1,pool2,pool4
 
-From the predicted step peak (``actcomp.memory.largest_batches``: exact search on meta, started from a linear estimate). With
+From the predicted step peak (``actcomp.measure.largest_batches``: exact search on meta, started from a linear estimate). With
 device=cuda each answer is also checked by a real out-of-memory search with the allocator capped at the budget
 (``verify_largest_batch_cuda``); budgets above the GPU's memory are left unverified. With device=cpu the search
 allocates for real: budgets above this machine's RAM are left unanswered (noted), and an out-of-memory during
@@ -18,7 +18,7 @@ import os
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from actcomp.memory import largest_batches, verify_largest_batch_cuda
+from actcomp.measure import largest_batches, verify_largest_batch_cuda
 
 from .sweep import (
     CONF_DIR,

@@ -119,7 +119,7 @@ def check_memory(o: dict, clock: Clock) -> list[dict]:
     """Measured step peak beside the meta prediction, per model x preset x batch."""
     import torch
 
-    from actcomp.memory import step_memory
+    from actcomp.measure import step_memory
 
     rows = []
     for model in o["models"]:
@@ -150,7 +150,7 @@ def check_memory(o: dict, clock: Clock) -> list[dict]:
 
 def check_speed(o: dict, clock: Clock) -> list[dict]:
     """Interleaved step-time ratios to native, eager and compiled, over ``blocks`` blocks (median, min, max)."""
-    from actcomp.speed import compare_step_times
+    from actcomp.measure import compare_step_times
 
     can_compile = "compile" in inspect.signature(compare_step_times).parameters
     modes = {"eager": ["eager"], "compiled": ["compiled"], "both": ["eager", "compiled"]}[o["compile"]]
@@ -192,7 +192,7 @@ def check_speed(o: dict, clock: Clock) -> list[dict]:
 
 def check_fit(o: dict, clock: Clock) -> list[dict]:
     """Predicted largest batch under the budget, and (CUDA) the real out-of-memory search started from it."""
-    from actcomp.memory import largest_batch, verify_largest_batch_cuda
+    from actcomp.measure import largest_batch, verify_largest_batch_cuda
 
     budget = int(o["fit_budget_gib"] * 2**30)
     rows = []

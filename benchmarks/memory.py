@@ -6,7 +6,7 @@
 
 Records, per point: saved-for-backward bytes by op kind (``actcomp.saved_bytes``; on meta, or on cpu for
 device=cpu; not available for the hook-based peers ckpt/int8/offload, noted in ``saved_note``) and the peak
-of a full step with its breakdown (``actcomp.memory.step_memory``: predicted on meta, measured on cpu, measured
+of a full step with its breakdown (``actcomp.measure.step_memory``: predicted on meta, measured on cpu, measured
 + predicted on cuda). Results: <out_dir>/memory/<sweep>.csv, out_dir=scratch by default (see benchmarks/sweep.py for the layout).
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 import actcomp
-from actcomp.memory import build_model, step_memory
+from actcomp.measure import step_memory
+from actcomp.models import build_model
 
 from .sweep import CONF_DIR, check_block, check_common, cli, compression_spec, run_point
 

@@ -4,7 +4,7 @@
     python -m benchmarks.speed -m model=resnet18,resnet50 compression=pool2,pool4,full4
     python -m benchmarks.speed model=resnet18 compression=pool4 compile=true   # both under torch.compile
 
-``actcomp.speed.compare_step_times`` runs `none` and this point's preset side by side, interleaved step by
+``actcomp.measure.compare_step_times`` runs `none` and this point's preset side by side, interleaved step by
 step (rotating which goes first), after warm-up; CUDA-synchronised on GPU. Records the median step time,
 images/s and the ratio to `none` (above 1: slower). Results: <out_dir>/speed/<sweep>.csv (scratch/ by default).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from actcomp.speed import compare_step_times
+from actcomp.measure import compare_step_times
 
 from .sweep import CONF_DIR, BenchError, check_block, check_common, cli, compression_spec, run_point
 

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 import actcomp
-from actcomp.memory import build_model
+from actcomp.models import build_model
 from actcomp.provenance import provenance
 
 from .common import atomic_write_csv, fail

@@ -6,7 +6,7 @@
     python -m benchmarks.timeline model.name=<any timm model>
 
 Columns: model, preset, batch_size, img_size, method, op_index, op, phase, allocated_bytes + provenance
-(``actcomp.timeline.step_timeline``; ``method`` says predicted on meta or measured on cpu).
+(``actcomp.measure.step_timeline``; ``method`` says predicted on meta or measured on cpu).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pandas as pd
 from omegaconf import DictConfig, ListConfig
 
 import actcomp
+from actcomp.measure import step_timeline
 from actcomp.provenance import provenance
-from actcomp.timeline import step_timeline
 
 from .common import atomic_write_csv, fail
 from .sweep import BenchError, check_block, cli

@@ -11,15 +11,15 @@ from pathlib import Path
 import hydra
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import actcomp
 from actcomp.data import build_data
 from actcomp.diagnostics import grad_cosine
-from actcomp.memory import build_model, step_memory
+from actcomp.measure import compare_step_times, step_memory
+from actcomp.models import build_model
 from actcomp.provenance import provenance
-from actcomp.speed import compare_step_times
+from actcomp.step import train_step
 
 from .common import atomic_write_csv, fail
 from .sweep import BenchError, check_block, ensure_writable
@@ -82,9 +82,7 @@ def _cosines(c) -> pd.DataFrame:
     batches = iter(loader)
     for _ in range(c.warm_steps):  # leave the fresh init (zero-init last BN gamma: zero grads)
         x, y = next(batches)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        train_step(model, opt, x, y)
     x, y = next(batches)
     rows = []
     for p in c.presets:

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import actcomp
 from actcomp import PRESETS
-from actcomp.speed import compare_step_times
+from actcomp.measure import compare_step_times
 
 # The speed-app test composes our launcher yamls, which share the plugins' schema names on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema:UserWarning")

@@ -193,8 +193,7 @@ def test_reproduce_driver_runs_and_skips(tmp_path):
 
 def test_step_timeline_matches_step_peak():
     from actcomp import ActcompError
-    from actcomp.memory import step_memory
-    from actcomp.timeline import PHASES, step_timeline
+    from actcomp.measure import PHASES, step_memory, step_timeline
 
     df = step_timeline("test_resnet", 4, img_size=32, preset="pool2")
     assert list(df.columns) == ["op_index", "op", "phase", "allocated_bytes"]

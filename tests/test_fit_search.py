@@ -1,5 +1,5 @@
 """largest_batches (secant start + gallop) returns exactly what the plain doubling/bisection search returns."""
-from actcomp.memory import largest_batch, largest_batches, step_memory
+from actcomp.measure import largest_batch, largest_batches, step_memory
 
 
 def test_largest_batches_equals_plain_search_and_respects_budgets():

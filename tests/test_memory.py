@@ -1,12 +1,18 @@
-"""actcomp.memory (step peak: predicted on meta, measured on CPU) and actcomp.speed (interleaved step times)."""
+"""actcomp.measure: step peak (predicted on meta, measured on CPU), largest batch, interleaved step times."""
 import pytest
 import timm
 import torch
 
 import actcomp
 from actcomp import ActcompError
-from actcomp.memory import StepMemory, build_model, largest_batch, step_memory, verify_largest_batch_cuda
-from actcomp.speed import compare_step_times
+from actcomp.measure import (
+    StepMemory,
+    compare_step_times,
+    largest_batch,
+    step_memory,
+    verify_largest_batch_cuda,
+)
+from actcomp.models import build_model
 
 TINY = dict(model="test_resnet", img_size=64)  # 64 px: batch 1 still leaves BatchNorm 2x2 values
 
@@ -39,11 +45,11 @@ def test_amp_prediction_equals_cpu_bf16_measurement():
 
 @pytest.mark.parametrize("model", ["test_efficientnet", "test_convnext"])
 def test_meta_kernel_cache_changes_nothing(model, monkeypatch):
-    import actcomp.memory as mem
+    from actcomp.measure import metacache
 
     step_memory(model, 2, img_size=64, preset="full4")  # fills the size-free rules at another batch size
     cached = [step_memory(model, 3, img_size=64, preset=p) for p in ("none", "full4")]
-    monkeypatch.setattr(mem._MetaCached, "__call__", lambda self, *a, **k: self.func(*a, **k))
+    monkeypatch.setattr(metacache.MetaCached, "__call__", lambda self, *a, **k: self.func(*a, **k))
     plain = [step_memory(model, 3, img_size=64, preset=p) for p in ("none", "full4")]
     for c, p in zip(cached, plain):
         assert (c.peak_bytes, c.after_forward_bytes, c.breakdown) == (p.peak_bytes, p.after_forward_bytes, p.breakdown)

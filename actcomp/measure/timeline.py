@@ -1,10 +1,10 @@
 """Memory over one training step: bytes allocated after every dispatched op (batch, forward, backward, optimizer).
 
-    from actcomp.timeline import step_timeline
+    from actcomp.measure import step_timeline
     df = step_timeline("resnet18", 64, img_size=224, preset="full4")      # predicted on meta, nothing allocated
     df.allocated_bytes.max()                                              # == step_memory(...).peak_bytes
 
-The step is exactly the one :func:`actcomp.memory.step_memory` measures (same model preparation, primed
+The step is exactly the one :func:`actcomp.measure.step_memory` measures (same model preparation, primed
 optimizer, input batch created inside the step, ``zero_grad(set_to_none=True)`` at the end), run under a
 ``MemTracker`` subclass that appends the tracker's current total after each aten op. Rows are in dispatch
 order: ``op_index`` counts ops from 0, ``op`` is the aten overload (``convolution.default``), ``phase`` is
@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import gc
 
-import pandas as pd
 import torch
 
-from .config import ActcompError
-from .memory import _check_int, _one_step, _parse_device, _prepare, _tracker_cls
+from ..devices import parse_device
+from ..errors import ActcompError, check_int
+from ..models import check_model_name
+from .memory import live_bytes, prepare, run_step
+from .tracker import tracker_cls
 
-__all__ = ["step_timeline", "PHASES"]
+__all__ = ["PHASES", "step_timeline"]
 
 PHASES = ("batch", "forward", "backward", "optimizer", "after step")
 _MARK_PHASE = {"before_forward": "forward", "after_forward": "backward"}
@@ -32,9 +34,7 @@ _MARK_PHASE = {"before_forward": "forward", "after_forward": "backward"}
 def _timeline_tracker_cls():
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 
-    base = _tracker_cls()
-
-    class _TimelineTracker(base):
+    class _TimelineTracker(tracker_cls()):
         """MemTracker that records (op, phase, current total bytes) after every dispatched op."""
 
         def __init__(self, device: torch.device, meta_cache: bool = False):
@@ -62,47 +62,39 @@ def _timeline_tracker_cls():
     return _TimelineTracker
 
 
-class _PhaseMarks(dict):
-    """The ``marks`` dict ``_one_step`` fills at fixed points; each mark also switches the tracker's phase."""
-
-    def __init__(self, tracker):
-        super().__init__()
-        self._tracker = tracker
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        if key in _MARK_PHASE:
-            self._tracker.phase = _MARK_PHASE[key]
-
-
 def step_timeline(model, batch_size: int, img_size: int = 224, preset=None, device="meta", optimizer: str = "sgd",
-                  dtype="float32", num_classes: int = 1000, in_chans: int = 3) -> pd.DataFrame:
+                  dtype="float32", num_classes: int = 1000, in_chans: int = 3):
     """Allocated bytes after every op of one steady-state training step of ``model`` (a timm name or module).
 
     Returns a DataFrame with columns ``op_index, op, phase, allocated_bytes`` (see the module docstring).
     ``preset``: a preset name, CompressionConfig or mapping (None: ``none``). ``device``: ``meta`` (predicted)
     or ``cpu`` (measured). Optimizer as in ``step_memory`` (timm name; SGD momentum 0.9 by default).
     """
-    _check_int(batch_size, "batch_size")
-    dev = _parse_device(device)
+    import pandas as pd
+
+    check_int(batch_size, "batch_size")
+    dev = parse_device(device)
     if dev.type not in ("meta", "cpu"):
         raise ActcompError(f"step_timeline runs on meta (predicted) or cpu (measured), not {dev.type!r}; "
                            f"use device='meta' as the GPU stand-in")
     if isinstance(model, str):
-        from .memory import _check_model_name
-
-        _check_model_name(model)
-    prep = _prepare(model, preset if preset is not None or isinstance(model, str) else None, dev,
-                    optimizer=optimizer, dtype=dtype, amp=False, channels_last=False, num_classes=num_classes,
-                    img_size=img_size, foreach=None, in_chans=in_chans)
+        check_model_name(model)
+    prep = prepare(model, preset if preset is not None or isinstance(model, str) else None, dev,
+                   optimizer=optimizer, dtype=dtype, amp=False, channels_last=False, num_classes=num_classes,
+                   img_size=img_size, foreach=None, in_chans=in_chans)
     with prep.mode():
         tracker = _timeline_tracker_cls()(prep.device, meta_cache=prep.device.type == "meta")
         tracker.track_external(prep.model, prep.opt)
-        marks = _PhaseMarks(tracker)
-        gc.freeze()  # as actcomp.memory does: long-lived objects are not rescanned by collections during the step
+        marks: dict[str, int] = {}
+
+        def mark(name: str) -> None:  # the step's fixed points also switch the tracker's phase
+            marks[name] = live_bytes(prep, tracker)
+            tracker.phase = _MARK_PHASE[name]
+
+        gc.freeze()  # as step_memory does: long-lived objects are not rescanned by collections during the step
         try:
             with tracker:
-                _one_step(prep, batch_size, marks, tracker)
+                run_step(prep, batch_size, mark)
                 gc.collect()  # what the step dropped is freed before the last reading
                 tracker.rows.append(("end", "after step", tracker.current()))
         finally:

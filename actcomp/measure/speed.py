@@ -1,6 +1,6 @@
 """Training-step time of several presets against native PyTorch, measured side by side in one process.
 
-    from actcomp.speed import compare_step_times
+    from actcomp.measure import compare_step_times
     compare_step_times("resnet18", ["pool4", "full4"], batch_size=32, img_size=64)
 
 Every preset trains its own deep copy of one identically initialised model on the same fixed batch (built
@@ -8,10 +8,10 @@ once, outside the timed region). After warm-up, each iteration times one step of
 rotating the starting preset, so machine noise and thermal drift hit all presets alike; the median of the
 iterations is reported. On CUDA each step is bracketed by ``torch.cuda.synchronize``. ``compile=True`` times
 each preset's model under ``torch.compile`` (inductor); the first warm-up step compiles, so warm-up must be >= 1.
+The step is :func:`actcomp.step.train_step`.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
 import time
@@ -19,9 +19,12 @@ import time
 import torch
 import torch.nn as nn
 
-from .config import ActcompError, as_config
-from .convert import compress
-from .memory import _check_int, _first_line, _loss, _make_optimizer, _parse_amp, _parse_device, build_model
+from ..config import as_config
+from ..convert import compress
+from ..devices import parse_amp, parse_device
+from ..errors import ActcompError, check_int
+from ..models import build_model, in_chans_of
+from ..step import make_optimizer, train_step
 
 __all__ = ["compare_step_times"]
 
@@ -36,18 +39,18 @@ def compare_step_times(model: str | nn.Module, presets: list, batch_size: int, i
     """
     import pandas as pd
 
-    dev = _parse_device(device)
+    dev = parse_device(device)
     if dev.type == "meta":
         raise ActcompError("step times need real compute; use device='cpu' or 'cuda', not meta")
-    _check_int(batch_size, "batch_size")
-    _check_int(img_size, "img_size")
-    _check_int(warmup, "warmup", lo=0)
-    _check_int(iters, "iters")
+    check_int(batch_size, "batch_size")
+    check_int(img_size, "img_size")
+    check_int(warmup, "warmup", lo=0)
+    check_int(iters, "iters")
     if not isinstance(compile, bool):
         raise ActcompError(f"compile must be True or False, got {compile!r}")
     if compile and warmup < 1:
         raise ActcompError("compile=True needs warmup >= 1: the first step compiles and must not be timed")
-    amp_dt = _parse_amp(amp, dev.type)
+    amp_dt = parse_amp(amp, dev.type)
     if isinstance(presets, str):
         presets = [presets]
     cfgs = {"none": as_config("none")}
@@ -64,7 +67,7 @@ def compare_step_times(model: str | nn.Module, presets: list, batch_size: int, i
         num_classes = getattr(base, "num_classes", num_classes) or num_classes
     else:
         base, label = build_model(model, num_classes=num_classes, device="cpu", img_size=img_size), model
-    in_chans = next((m.in_channels for m in base.modules() if isinstance(m, nn.Conv2d)), 3)
+    in_chans = in_chans_of(base)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, in_chans, img_size, img_size, generator=g).to(dev)
     y = torch.randint(0, num_classes, (batch_size,), generator=g).to(dev)
@@ -80,31 +83,15 @@ def compare_step_times(model: str | nn.Module, presets: list, batch_size: int, i
         m.train()
         scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" and amp_dt == torch.float16 else None
         fwd = torch.compile(m) if compile else m
-        runs[name] = (fwd, _make_optimizer(m, optimizer, None), scaler)
+        runs[name] = (fwd, make_optimizer(m, optimizer, None), scaler)
     del base
 
     def step(name: str) -> float:
         m, opt, scaler = runs[name]
-        amp_ctx = torch.autocast(dev.type, dtype=amp_dt) if amp_dt is not None else contextlib.nullcontext()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        try:
-            with amp_ctx:
-                loss = _loss(m(x), y)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, ValueError, AssertionError, IndexError, ZeroDivisionError) as e:
-            raise ActcompError(f"{label} [{name}] failed in forward at batch {batch_size}, img_size={img_size} "
-                               f"(image too small for the model?): {_first_line(e)}") from None
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(m, opt, x, y, amp_dtype=amp_dt, scaler=scaler, label=f"{label} [{name}]")
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
