@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..convert import compress, config_of
+from .. import models
+from ..convert import config_of
 from ..data import DataBundle
 from ..devices import parse_amp
 from ..errors import ActcompError, check_int, one_line
+from ..step import train_step
 from . import checkpoint
 from .config import TrainConfig, TrainError, TrainResult
 from .distributed import Dist, EpochSampler, ShardSampler, all_rng_states, all_sum, init_distributed
@@ -34,24 +36,11 @@ from .tta import summarize
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
-    """``timm.create_model(pretrained=False)`` under ``torch.manual_seed(cfg.seed)``, then converted."""
-    import timm
-
-    if not timm.is_model(cfg.model):
-        import difflib
-
-        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.6)
-        raise TrainError(f"unknown timm model {cfg.model!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    with preserved_rng():
-        # Seeded here, before conversion: every preset starts from bitwise the same weights.
-        torch.manual_seed(cfg.seed)
-        try:
-            model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                      **dict(cfg.model_kwargs or {}))
-        except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-            raise TrainError(f"cannot build {cfg.model} with {dict(cfg.model_kwargs or {})}: "
-                             f"{one_line(e, 200, typed=False)}") from None
-    return compress(model, cfg.preset)
+    """``cfg.model`` built under ``torch.manual_seed(cfg.seed)`` with ``cfg.model_kwargs``, then converted with
+    ``cfg.preset``: every preset starts from bitwise the same weights."""
+    with preserved_rng():  # every stream, CUDA's included, as the run seeded it
+        return models.build_model(cfg.model, num_classes, in_chans, seed=cfg.seed,
+                                  model_kwargs=dict(cfg.model_kwargs or {}), preset=cfg.preset)
 
 
 def accuracy_counts(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -232,7 +221,8 @@ def setup(cfg: TrainConfig, data: DataBundle, d: Dist) -> Run:
 
 
 def train_epoch(r: Run, epoch: int) -> tuple[list[float], float, float]:
-    """The training steps of one epoch: (loss x n, correct, n) summed on this process, wall and CPU seconds."""
+    """The training steps of one epoch (:func:`actcomp.step.train_step`, the step memory and speed measure):
+    (loss x n, correct, n) summed on this process, wall and CPU seconds."""
     r.train_loader.sampler.set_epoch(epoch)
     r.ddp_model.train()
     # loss*n, correct, n: accumulated on the device so that a GPU step does not wait for a host sync
@@ -240,26 +230,23 @@ def train_epoch(r: Run, epoch: int) -> tuple[list[float], float, float]:
     bar = tqdm(r.train_loader, desc=f"{r.preset} epoch {epoch + 1}/{r.num_epochs}", leave=False,
                disable=not (r.cfg.progress and r.d.main), dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30, file=sys.stderr)
+    hits = []
+
+    def criterion(out, y):  # the step keeps no logits: count the top-1 hits on the way
+        hits.append(out.detach().argmax(1).eq(y).sum())
+        return r.criterion(out, y)
+
     t0, c0 = time.perf_counter(), time.process_time()
     for step, (x, y) in enumerate(bar):
         x = x.to(r.d.device, non_blocking=True, memory_format=r.fmt)
         y = y.to(r.d.device, non_blocking=True)
-        with torch.autocast(r.d.device.type, dtype=r.amp_dtype or torch.float32, enabled=r.amp_dtype is not None):
-            out = r.ddp_model(x)
-            loss = r.criterion(out, y)
-        r.optimizer.zero_grad(set_to_none=True)
-        if r.scaler is not None:
-            r.scaler.scale(loss).backward()
-            r.scaler.step(r.optimizer)
-            r.scaler.update()
-        else:
-            loss.backward()
-            r.optimizer.step()
+        ld = train_step(r.ddp_model, r.optimizer, x, y, r.amp_dtype, r.scaler, criterion,
+                        label=f"{r.cfg.model} ({r.preset})", return_loss=True)
         r.num_updates += 1
         r.scheduler.step_update(num_updates=r.num_updates)
-        n, ld = y.shape[0], loss.detach()
+        n = y.shape[0]
         sums[0] += ld.double() * n
-        sums[1] += out.detach().argmax(1).eq(y).sum()
+        sums[1] += hits.pop()
         sums[2] += n
         if step % 10 == 0:  # a host sync, so only now and then
             if not math.isfinite(float(ld)):
