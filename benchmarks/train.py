@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from actcomp import ActcompError
 from actcomp.data import build_data
 from actcomp.errors import one_line
-from actcomp.training import EPOCH_COLUMNS, TrainConfig, cpu_numerics, overhead_table, pin_cpu_numerics, train
+from actcomp.train import EPOCH_COLUMNS, TrainConfig, cpu_numerics, overhead_table, pin_cpu_numerics, train
 
 from .common import (
     PROVENANCE_COLS,

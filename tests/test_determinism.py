@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from actcomp.training import TrainError, pin_cpu_numerics
+from actcomp.train import TrainError, pin_cpu_numerics
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
@@ -96,7 +96,7 @@ def test_whole_set_cosine_runs_with_the_configured_threads(monkeypatch):
 
 def test_resume_under_another_thread_count_says_so(tmp_path, capsys):
     from actcomp.data import build_data
-    from actcomp.training import TrainConfig, train
+    from actcomp.train import TrainConfig, train
 
     data = build_data("synthetic", n_train=32, n_val=16, image_size=16)
     cfg = dict(model="test_resnet", epochs=2, batch_size=16, progress=False, memory=False,

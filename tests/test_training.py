@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from actcomp.data import build_data
-from actcomp.training import (
+from actcomp.train import (
     TrainConfig,
     TrainError,
     build_model,
@@ -180,7 +180,7 @@ def test_time_to_accuracy_and_overhead_on_a_hand_made_history():
 
 
 def test_epoch_sampler_covers_each_pass_once():
-    from actcomp.training import EpochSampler
+    from actcomp.train import EpochSampler
 
     s = EpochSampler(10, 4, seed=0)
     epochs = []
