@@ -1,5 +1,6 @@
 """compress()/restore(): exact forward, gradients reach every weight, policy, state, errors."""
 import copy
+import functools
 
 import pytest
 import timm
@@ -10,13 +11,33 @@ from timm.layers import Conv2dSame, MixedConv2d, ScaledStdConv2d, StdConv2d
 import actcomp
 from actcomp import PRESETS, ActcompError
 
-MODELS = ["test_resnet", "test_efficientnet", "test_convnext", "resnet18", "efficientnet_b0", "tf_efficientnet_b0",
-          "mobilenetv3_small_100", "nf_resnet26", "resnetv2_50x1_bit"]
+# The families of 9 timm models, width-reduced (same module kinds as the full-size model, a fraction of the
+# compute): timm's test_* models; resnet18 at 1/4 width; tinynet_e for efficientnet_b0 (same blocks: depthwise,
+# squeeze-excite, SiLU); test_efficientnet with TF "same" padding (Conv2dSame) and TF BatchNorm eps for
+# tf_efficientnet_b0;
+# mobilenetv3_small_050 (hard-swish, hard-sigmoid SE); nf_resnet26 at 1/8 width (ScaledStdConv2d);
+# resnetv2_50x1_bit at 1/8 width in its deep layers (StdConv2d, GroupNorm pre-activation, 32 channels per group).
+MODELS = {"test_resnet": ("test_resnet", {}), "test_efficientnet": ("test_efficientnet", {}),
+          "test_convnext": ("test_convnext", {}),
+          "resnet18": ("resnet18", dict(channels=(16, 32, 64, 128), stem_width=16)),
+          "efficientnet_b0": ("tinynet_e", {}),
+          "tf_efficientnet_b0": ("test_efficientnet", dict(pad_type="same", bn_eps=1e-3)),
+          "mobilenetv3_small_100": ("mobilenetv3_small_050", {}),
+          "nf_resnet26": ("nf_resnet26", dict(channels=(32, 64, 128, 256))),
+          "resnetv2_50x1_bit": ("resnetv2_50x1_bit", dict(channels=(128, 128, 256, 256), stem_chs=32))}
+
+
+@functools.cache
+def _built(name, kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=10, **dict(kw)), torch.get_rng_state()
 
 
 def _model(name, **kw):
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, num_classes=10, **kw)
+    # Built once per test module, then copied: the same weights and RNG state as building it here.
+    m, rng = _built(name, tuple(sorted(kw.items())))
+    torch.set_rng_state(rng)
+    return copy.deepcopy(m)
 
 
 def _convs(m):
@@ -25,7 +46,7 @@ def _convs(m):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_every_preset_keeps_forward_and_trains_a_step(name):
-    base = _model(name)
+    base = _model(MODELS[name][0], **MODELS[name][1])
     x = torch.randn(2, 3, 64, 64)
     base.train()
     ref = base(x)

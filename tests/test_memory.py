@@ -31,15 +31,18 @@ def test_meta_prediction_equals_cpu_measurement(model, preset):
     meta = step_memory(model, 4, img_size=48, preset=preset, device="meta", foreach=False)
     cpu = step_memory(model, 4, img_size=48, preset=preset, device="cpu", foreach=False)
     assert meta.method == "memtracker-meta" and cpu.method == "memtracker-cpu"
-    assert meta.peak_bytes == pytest.approx(cpu.peak_bytes, rel=0.01)
-    assert meta.after_forward_bytes == pytest.approx(cpu.after_forward_bytes, rel=0.01)
+    # Byte-exact: both sides are MemTracker following the same storages (foreach=False on both).
+    assert meta.peak_bytes == cpu.peak_bytes
+    assert meta.after_forward_bytes == cpu.after_forward_bytes
+    assert meta.breakdown == cpu.breakdown
     assert sum(meta.breakdown.values()) == meta.peak_bytes
 
 
 def test_amp_prediction_equals_cpu_bf16_measurement():
     meta = step_memory("test_resnet", 4, img_size=32, device="meta", amp=True, foreach=False)
     cpu = step_memory("test_resnet", 4, img_size=32, device="cpu", amp="bf16", foreach=False)
-    assert meta.peak_bytes == pytest.approx(cpu.peak_bytes, rel=0.01)
+    assert meta.peak_bytes == cpu.peak_bytes and meta.breakdown == cpu.breakdown
+    # After forward the bf16 run keeps 4160 B more on CPU than predicted (measured: 1468008 vs 1463848 B).
     assert meta.after_forward_bytes == pytest.approx(cpu.after_forward_bytes, rel=0.01)
 
 
