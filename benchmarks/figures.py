@@ -51,7 +51,7 @@ FIG3_MODELS = ["resnet18", "resnet50"]
 # sweep written with out_dir=results, is never drawn.
 SWEEPS = {"fig2": "memory/memory_by_op.csv", "fig3": "memory/memory_batch.csv",
           "fig3_gpu": ("gpu/**/*.csv", "memory/gpu_memory.csv"), "fig4": ("fit/fit_models.csv", "fit/fit_models_cuda.csv"),
-          "fig8": "speed/speed_cpu.csv"}
+          "fig8": ("speed/speed_cpu.csv", "speed/whole_set_speed.csv")}
 PHASE_COLORS = {"batch": "#bdbdbd", "forward": "#9ecae1", "backward": "#fdae6b", "optimizer": "#74c476",
                 "after step": "#dddddd"}
 
@@ -247,7 +247,7 @@ def fig1_layers(R: Results, plt):
 
 
 def fig2_by_kind(R: Results, plt):
-    df = sweep_frame(R.read_all(SWEEPS["fig2"], "run: python -m benchmarks.memory -m experiment=memory_by_op",
+    df = sweep_frame(R.read_all(SWEEPS["fig2"], "run: python -m benchmarks.memory -m experiment=memory/memory_by_op",
                                 ("model.name", "compression.name", "batch_size", "saved_total_bytes"),
                                 skip_lacking=True))
     df = default_settings(df[df["saved_total_bytes"].notna()])
@@ -327,7 +327,7 @@ def _measured_gpu(R: Results) -> pd.DataFrame:
 
 
 def fig3_peak_vs_batch(R: Results, plt):
-    df = sweep_frame(R.read_all(SWEEPS["fig3"], "run: python -m benchmarks.memory -m experiment=memory_batch",
+    df = sweep_frame(R.read_all(SWEEPS["fig3"], "run: python -m benchmarks.memory -m experiment=memory/memory_batch",
                                 ("model.name", "compression.name", "batch_size", "peak_bytes", "method"),
                                 skip_lacking=True))
     pred = default_settings(df[df["method"].astype(str).str.startswith("memtracker-meta")])
@@ -391,7 +391,7 @@ def _lower_bound(row: pd.Series, max_col: str) -> bool:
 
 
 def fig4_fit(R: Results, plt):
-    df = sweep_frame(R.read_all(SWEEPS["fig4"], "run: python -m benchmarks.fit -m experiment=fit_models",
+    df = sweep_frame(R.read_all(SWEEPS["fig4"], "run: python -m benchmarks.fit -m experiment=fit/fit_models",
                                 ("model.name", "compression.name")))
     budgets = _budget_cols(df, "max_batch_")
     if not budgets or df.empty:
@@ -481,7 +481,7 @@ def fig5_convergence(R: Results, plt):
     from matplotlib.ticker import MaxNLocator
 
     studies = _study_frames(R, "epochs.csv", ("preset", "epoch", "val_top1", "elapsed_s"),
-                            "run: python -m benchmarks.train -m experiment=fmnist_reference")
+                            "run: python -m benchmarks.train -m experiment=train/fmnist_reference")
     fig, axes = plt.subplots(len(studies), 2, figsize=(12, 4.3 * len(studies)), squeeze=False)
     srcs, notes = [], []
     for (study, df, path), (a1, a2) in zip(studies, axes):
@@ -517,7 +517,7 @@ def fig5_convergence(R: Results, plt):
 
 def fig6_time_to_accuracy(R: Results, plt):
     studies = _study_frames(R, "summary.csv", ("preset", "target", "target_kind", "epochs_ratio", "time_ratio"),
-                            "run: python -m benchmarks.train -m experiment=fmnist_reference")
+                            "run: python -m benchmarks.train -m experiment=train/fmnist_reference")
     metrics = [("epochs_ratio", "epochs to target / baseline's"), ("time_ratio", "wall time to target / baseline's"),
                ("cpu_time_ratio", "CPU time to target / baseline's")]
     fig, axes = plt.subplots(len(studies), 3, figsize=(15, 4.6 * len(studies)), squeeze=False)
@@ -575,10 +575,11 @@ def fig7_cosine(R: Results, plt):
     if studies:
         return _fig7_epochs(R, plt, studies)
     try:
-        df = R.read(R.csvs("whole_set/cosine.csv", "")[0], ("preset", "layer", "cosine"))
+        df = R.read(R.csvs("exactness/grad_cosine.csv", "")[0], ("preset", "layer", "cosine"))
     except Missing:
         raise Missing(f"neither {R.rel(R.root)}/train/*/grad_cosine.csv (train with grad_cosine=true) nor "
-                      f"{R.rel(R.root)}/whole_set/cosine.csv (run: python -m benchmarks.whole_set)") from None
+                      f"{R.rel(R.root)}/exactness/grad_cosine.csv (run: python -m benchmarks.exactness "
+                      f"experiment=exactness/grad_cosine)") from None
     presets = sort_presets(df["preset"])
     layers = list(dict.fromkeys(df["layer"]))
     mat = np.array([[df[(df.preset == p) & (df.layer == layer)]["cosine"].mean() for layer in layers]
@@ -600,8 +601,8 @@ def fig7_cosine(R: Results, plt):
     cb.set_label("cosine(compressed, exact weight gradient)")
     model = most_common(df["model"]) if "model" in df else ""
     ax.set_title(f"Per-layer gradient cosine vs exact, on one real Fashion-MNIST batch, {model} — from "
-                 f"whole_set/cosine.csv (no per-epoch training log found)", fontsize=10)
-    _footer(fig, f"measured on CPU; {R.rel(R.root / 'whole_set/cosine.csv')}; {provenance_note(df)}")
+                 f"exactness/grad_cosine.csv (no per-epoch training log found)", fontsize=10)
+    _footer(fig, f"measured on CPU; {R.rel(R.root / 'exactness/grad_cosine.csv')}; {provenance_note(df)}")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     return fig
 
@@ -658,20 +659,14 @@ def _fig7_epochs(R: Results, plt, studies):
 
 def fig8_speed(R: Results, plt):
     frames = []
-    for p in sorted(R.root.glob(SWEEPS["fig8"])):
+    for p in [p for pat in SWEEPS["fig8"] for p in sorted(R.root.glob(pat))]:
         d = sweep_frame(R.read(p, ("model.name", "compression.name", "ratio_to_none")))
         d = default_settings(d)
         d["_source"] = R.rel(p)
         frames.append(d)
-    ws = R.root / "whole_set/speed.csv"
-    if ws.is_file():
-        d = R.read(ws, ("preset", "ratio_to_none"))
-        d = d[d["preset"] != "none"].copy()
-        d["_source"] = R.rel(ws)
-        frames.append(d)
     if not frames:
-        raise Missing(f"no {R.rel(R.root)}/speed/speed_cpu.csv nor whole_set/speed.csv "
-                      f"(run: python -m benchmarks.speed -m experiment=speed_cpu)")
+        raise Missing(f"no {R.rel(R.root)}/speed/speed_cpu.csv nor speed/whole_set_speed.csv "
+                      f"(run: python -m benchmarks.speed -m experiment=speed/speed_cpu)")
     df = pd.concat(frames, ignore_index=True)
     df = df[df["preset"] != "none"]
     if df.empty:
@@ -686,7 +681,7 @@ def fig8_speed(R: Results, plt):
             bits.append(f"{int(r['img_size'])}px")
         dev = r.get("device_name", r.get("device", ""))
         bits.append(str(dev).split(":")[0] if pd.notna(dev) else "")
-        return " ".join(b for b in bits if b) + f" [{Path(r['_source']).parent.name}]"
+        return " ".join(b for b in bits if b) + f" [{Path(r['_source']).stem}]"
 
     df["series"] = [series(r) for _, r in df.iterrows()]
     df = df.drop_duplicates(subset=["series", "preset"], keep="last")
@@ -786,8 +781,8 @@ FIGURES: list[tuple[int, str, Callable, str]] = [
     (4, "fig4_smallest_gpu.png", fig4_fit, "largest batch per GPU budget (fit/fit_models.csv, fit/fit_models_cuda.csv)"),
     (5, "fig5_convergence.png", fig5_convergence, "convergence (train/*/epochs.csv)"),
     (6, "fig6_time_to_accuracy.png", fig6_time_to_accuracy, "time-to-accuracy ratios (train/*/summary.csv)"),
-    (7, "fig7_grad_cosine.png", fig7_cosine, "gradient cosine (train/*/grad_cosine.csv or whole_set/cosine.csv)"),
-    (8, "fig8_step_time.png", fig8_speed, "step-time overhead (speed/speed_cpu.csv, whole_set/speed.csv)"),
+    (7, "fig7_grad_cosine.png", fig7_cosine, "gradient cosine (train/*/grad_cosine.csv or exactness/grad_cosine.csv)"),
+    (8, "fig8_step_time.png", fig8_speed, "step-time overhead (speed/speed_cpu.csv, speed/whole_set_speed.csv)"),
     (9, "fig9_step_timeline.png", fig9_timeline, "memory over one step (timeline/*.csv)"),
 ]
 
@@ -868,7 +863,10 @@ def _preset_by_model(df: pd.DataFrame, header: Callable[[str], str], cell: Calla
 
 
 def md_peak(df: pd.DataFrame, rel: str) -> str:
-    df = df[df.get("status", "ok") == "ok"] if "status" in df else df
+    """Step peak (GiB) and its ratio to `none` of the same model, from a memory sweep CSV."""
+    df = sweep_frame(df)
+    df["peak_gib"] = df["peak_bytes"] / 2.0**30
+    df["ratio_to_none"] = df["peak_gib"] / df["model"].map(df[df["preset"] == "none"].set_index("model")["peak_gib"])
     return _preset_by_model(df, str, lambda s: f"{s['peak_gib'].iloc[0]:.2f} GiB ({s['ratio_to_none'].iloc[0]:.2f}×)")
 
 
@@ -995,8 +993,8 @@ README_RENDERERS: list[tuple[str, Callable[[pd.DataFrame, str], str]]] = [
     (r"(.*/)?table/.+_conv_layers\.csv", md_conv_layers),
     (r"(.*/)?fit/[^/]+\.csv", md_fit),
     (r"(.*/)?train/(.+/)?summary\.csv", md_train_summary),
-    (r"(.*/)?whole_set/peak\.csv", md_peak),
-    (r"(.*/)?(speed/[^/]+|whole_set/speed)\.csv", md_speed),
+    (r"(.*/)?memory/whole_set_peak\.csv", md_peak),
+    (r"(.*/)?speed/[^/]+\.csv", md_speed),
     (r"(.*/)?exactness/exactness\.csv", md_exactness),
     (r"(.*/)?exactness/padding\.csv", md_exactness_padding),
     (r"(.*/)?exactness/whole_model\.csv", md_whole_model),

@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from benchmarks import sweep
+from benchmarks.hydra_conf import VERSION_BASE
 
 # Our launcher yamls share the plugins' schema names on purpose (see benchmarks/sweep.py).
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema:UserWarning")
@@ -57,7 +58,7 @@ def last_line(capsys) -> tuple[str, list[str]]:
 
 @pytest.mark.parametrize("app", ["memory", "speed", "fit"])
 def test_compose_every_app(app):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
         cfg = compose(app, return_hydra_config=True)
         assert cfg.app == app and cfg.model.name == "resnet18" and cfg.compression.name == "none"
         assert cfg.logger.mode == "offline" and cfg.sweep == "adhoc"
@@ -84,7 +85,7 @@ def test_compose_every_app(app):
 
 @pytest.mark.parametrize("app,exp", [("memory", "memory_models"), ("fit", "fit_models"), ("speed", "speed_cpu")])
 def test_compose_experiments(app, exp):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
         cfg = compose(app, overrides=[f"experiment={exp}"], return_hydra_config=True)
     assert cfg.sweep == exp
     n = sweep.count_points(cfg)
@@ -95,7 +96,7 @@ def test_compose_experiments(app, exp):
 
 
 def test_point_key_ignores_bookkeeping():
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
         a = compose("memory", overrides=["model=test_resnet"])
         b = compose("memory", overrides=["model=test_resnet", "out_dir=/x", "logger=disabled", "sweep=s", "force=true"])
         c = compose("memory", overrides=["model=test_resnet", "batch_size=4"])
