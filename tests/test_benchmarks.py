@@ -86,13 +86,27 @@ def test_compose_every_app(app):
 @pytest.mark.parametrize("app,exp", [("memory", "memory_models"), ("fit", "fit_models"), ("speed", "speed_cpu")])
 def test_compose_experiments(app, exp):
     with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
-        cfg = compose(app, overrides=[f"experiment={exp}"], return_hydra_config=True)
+        cfg = compose(app, overrides=[f"experiment={app}/{exp}"], return_hydra_config=True)
     assert cfg.sweep == exp
     n = sweep.count_points(cfg)
     if exp == "memory_models":
         assert n == 20 * 4 * 3 and cfg.device.name == "meta"
         for m in cfg.hydra.sweeper.params.model.split(","):
             assert m in sweep.group_options("model")
+
+
+def test_every_experiment_composes_with_its_app():
+    """conf/experiment/<app>/*.yaml: each composes with that app; a *_quick toy config keeps its study's sweep name."""
+    apps = sorted(p.name for p in (Path(CONF) / "experiment").iterdir() if p.is_dir())
+    assert apps == ["exactness", "fit", "memory", "speed", "table", "timeline", "train"]
+    with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
+        for app in apps:
+            for name in sweep.group_options(f"experiment/{app}"):
+                cfg = compose(app, overrides=[f"experiment={app}/{name}"], return_hydra_config=True)
+                if name.endswith("_quick") and "sweep" in cfg:
+                    full = compose(app, overrides=[f"experiment={app}/{name[:-6]}"], return_hydra_config=True)
+                    assert cfg.sweep == full.sweep, name
+                    assert cfg.hydra.launcher._target_.endswith("BasicLauncher"), name
 
 
 def test_point_key_ignores_bookkeeping():

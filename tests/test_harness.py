@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -311,3 +312,13 @@ def test_joblib_sweep_installs_and_restores_stop_handlers(monkeypatch):
     for sig, h in cb._old_handlers.items():
         signal.signal(sig, h)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_md_peak_renders_the_whole_set_peak_sweep():
+    """README table of memory/whole_set_peak.csv: peak GiB and the ratio to `none` of the same model (ok rows)."""
+    df = pd.DataFrame({"model.name": ["m", "m", "m"], "compression.name": ["none", "full4", "pool4"],
+                       "peak_bytes": [2 * 2**30, 2**29, float("nan")], "status": ["ok", "ok", "error"]})
+    md = figures.md_peak(df, "memory/whole_set_peak.csv")
+    assert "| none | 2.00 GiB (1.00×) |" in md and "| full4 | 0.50 GiB (0.25×) |" in md and "pool4" not in md
+    rel = "results/memory/whole_set_peak.csv"
+    assert [f for pat, f in figures.README_RENDERERS if re.fullmatch(pat, rel)] == [figures.md_peak]
