@@ -36,14 +36,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 import actcomp
+from actcomp.errors import check_int
 
 from .common import atomic_write_csv, fail, provenance_row
+from .hydra_conf import CONF_DIR, VERSION_BASE
 
 # Non-conv ops under the whole-set settings of full2/full4 (block=1: nothing to pool in a bare op).
 WHOLE_SET = "full2/full4"
 CONV_INPUTS = ("noise", "block_constant", "fashion_mnist")
-PARTS = ("ops", "padding", "whole_model")
-CSV_OF = {"ops": "exactness.csv", "padding": "padding.csv", "whole_model": "whole_model.csv"}
+PARTS = ("ops", "padding", "whole_model", "grad_cosine")
+CSV_OF = {"ops": "exactness.csv", "padding": "padding.csv", "whole_model": "whole_model.csv",
+          "grad_cosine": "grad_cosine.csv"}
 
 
 def _spec(preset: str):
@@ -234,6 +237,57 @@ def measure_whole_model(cfg: DictConfig) -> pd.DataFrame:
     return df
 
 
+def measure_grad_cosine(cfg: DictConfig) -> pd.DataFrame:
+    """Per-layer cosine between compressed and exact weight gradients on one real Fashion-MNIST batch, after
+    ``warm_steps`` native SGD steps (a fresh init has zero gradients behind its zero-init last BN gammas).
+
+    Runs with ``grad_cosine.threads`` torch threads (restored after): the warm-up steps' summation order depends
+    on the thread count, and the cosines of the warmed-up model amplify that (up to 0.2 between 1 and 2 threads;
+    at a fixed count a re-run gives bitwise the same cosines on the same kind of CPU).
+    """
+    from .sweep import check_block
+
+    c = cfg.grad_cosine
+    for key, lo in (("batch_size", 1), ("img_size", 1), ("warm_steps", 0), ("threads", 1)):
+        check_int(c.get(key), f"grad_cosine.{key}", lo)
+    if not c.presets:
+        raise actcomp.ActcompError("grad_cosine.presets is empty; give e.g. grad_cosine.presets=[pool4]")
+    for p in c.presets:
+        check_block(c.img_size, p)  # also rejects an unknown preset
+    n = torch.get_num_threads()
+    torch.set_num_threads(int(c.threads))
+    try:
+        df = _grad_cosines(c)
+    finally:
+        torch.set_num_threads(n)
+    df["seed"], df["torch_threads"] = 0, int(c.threads)
+    return df
+
+
+def _grad_cosines(c) -> pd.DataFrame:
+    from actcomp.memory import build_model
+
+    from actcomp.data import build_data
+    from actcomp.diagnostics import grad_cosine
+
+    torch.manual_seed(0)
+    data = build_data("fashion_mnist", image_size=c.img_size, channels=3, resize="pad", subset_train=2048, subset_seed=0)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=c.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    model = build_model(c.model, num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = iter(loader)
+    for _ in range(c.warm_steps):
+        x, y = next(batches)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    x, y = next(batches)
+    rows = [dict(model=c.model, preset=p, layer=layer, cosine=cos)
+            for p in c.presets for layer, cos in grad_cosine(model, p, x, y).items()]
+    return pd.DataFrame(rows)
+
+
 def measure(cfg: DictConfig) -> pd.DataFrame:
     for p in list(cfg.conv_presets) + list(cfg.presets):
         if p != WHOLE_SET:
@@ -272,7 +326,8 @@ def measure_parts(cfg: DictConfig) -> dict[str, pd.DataFrame]:
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
         raise actcomp.ActcompError(f"parts: unknown or empty {bad or parts}; known: {', '.join(PARTS)}")
-    fns = {"ops": measure, "padding": measure_padding, "whole_model": measure_whole_model}
+    fns = {"ops": measure, "padding": measure_padding, "whole_model": measure_whole_model,
+           "grad_cosine": measure_grad_cosine}
     out = {}
     for p in parts:
         df = fns[p](cfg)
@@ -282,10 +337,10 @@ def measure_parts(cfg: DictConfig) -> dict[str, pd.DataFrame]:
     return out
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="exactness")
+@hydra.main(config_path=str(CONF_DIR), config_name="exactness", version_base=VERSION_BASE)
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))  # reduction order depends on the thread count
-    out = Path(hydra.utils.to_absolute_path(cfg.out_dir))
+    out = Path(hydra.utils.to_absolute_path(cfg.out_dir)) / "exactness"
     try:
         dfs = measure_parts(cfg)
         for part, df in dfs.items():
@@ -294,7 +349,8 @@ def main(cfg: DictConfig) -> None:
         fail(e)
     cols = {"ops": ["op", "preset", "output", "bitwise", "rel_l2", "cosine"],
             "padding": ["part", "conv", "preset", "input", "rel_l2", "cosine", "ratio_to_native"],
-            "whole_model": ["model", "preset", "batch_size", "img_size", "cosine", "rel_l2"]}
+            "whole_model": ["model", "preset", "batch_size", "img_size", "cosine", "rel_l2"],
+            "grad_cosine": ["model", "preset", "layer", "cosine"]}
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.max_colwidth", 48):
         for part, df in dfs.items():
             print(df[[c for c in cols[part] if c in df]].to_string(index=False, float_format="{:.3g}".format))

@@ -21,8 +21,8 @@ from omegaconf import DictConfig, ListConfig
 from actcomp.errors import one_line
 from actcomp.measure import largest_batches, verify_largest_batch_cuda
 
+from .hydra_conf import CONF_DIR, VERSION_BASE
 from .sweep import (
-    CONF_DIR,
     BenchError,
     check_block,
     check_common,
@@ -129,7 +129,7 @@ def _display(cfg: DictConfig) -> tuple[str, ...]:
         return ()  # measure() reports the bad value
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="fit", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="fit", version_base=VERSION_BASE)
 def main(cfg: DictConfig) -> dict:
     return run_point(cfg, measure, _display(cfg))
 

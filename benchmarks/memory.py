@@ -2,7 +2,7 @@
 
     python -m benchmarks.memory model=resnet50 compression=pool4 batch_size=64
     python -m benchmarks.memory -m model=resnet18,resnet50,efficientnet_b0 compression=none,pool2,pool4 batch_size=32,64,128
-    python -m benchmarks.memory -m experiment=memory_models
+    python -m benchmarks.memory -m experiment=memory/memory_models
 
 Records, per point: saved-for-backward bytes by op kind (``actcomp.saved_bytes``; on meta, or on cpu for
 device=cpu; not available for the hook-based peers ckpt/int8/offload, noted in ``saved_note``) and the peak
@@ -22,7 +22,8 @@ from actcomp.errors import one_line
 from actcomp.measure import step_memory
 from actcomp.models import build_model
 
-from .sweep import CONF_DIR, check_block, check_common, cli, compression_spec, run_point
+from .hydra_conf import CONF_DIR, VERSION_BASE
+from .sweep import check_block, check_common, cli, compression_spec, run_point
 
 DISPLAY = ("peak_bytes", "saved_total_bytes", "predicted_peak_bytes", "method")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,7 +80,7 @@ def measure(cfg: DictConfig) -> dict:
     return out
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="memory", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="memory", version_base=VERSION_BASE)
 def main(cfg: DictConfig) -> dict:
     return run_point(cfg, measure, DISPLAY)
 

@@ -79,6 +79,16 @@ def train_callback_args(experiment: str | None, out: Path, targets: str | None =
             *([f"+hydra.callbacks.collect_train.targets={targets}"] if targets else [])]
 
 
+def composed(app: str, overrides: list[str]):
+    """The app's config with ``overrides`` (no Hydra run): what a stage's output file names derive from."""
+    from hydra import compose, initialize_config_dir
+
+    from .hydra_conf import CONF_DIR, VERSION_BASE
+
+    with initialize_config_dir(str(CONF_DIR), version_base=VERSION_BASE):
+        return compose(app, overrides=overrides)
+
+
 def plan(o: dict) -> list[Stage]:
     R: Path = o["out"]
     # Hydra's per-job dirs: outputs/ for results/, else inside the results root, so that a run into another
@@ -86,8 +96,20 @@ def plan(o: dict) -> list[Stage]:
     H = REPO / "outputs" if R.resolve() == (REPO / "results").resolve() else R / "outputs"
     q = o["quick"]
     lg = [f"logger={o['logger']}"] if o["logger"] else []
-    sweep_common = [f"out_dir={R}", f"hydra_dir={H}", *lg] + (["hydra/launcher=basic"] if q else [])
+    paths = [f"out_dir={R}", f"hydra_dir={H}"]
     S: list[Stage] = []
+
+    def exp(app: str, name: str) -> list[str]:
+        """The experiment conf/experiment/<app>/<name>.yaml, or its toy scale <name>_quick.yaml (quick=true)."""
+        return [f"experiment={app}/{name}{'_quick' if q else ''}"]
+
+    def toy(app: str) -> list[str]:
+        """Apps whose defaults are the study's scale: the toy experiment only with quick=true."""
+        return [f"experiment={app}/{app}_quick"] if q else []
+
+    def sweep(name: str, what: str, app: str, experiment: str, *extra: str) -> Stage:
+        return Stage(name, what, f"benchmarks.{app}", ["-m", *exp(app, experiment), *extra, *paths, *lg],
+                     self_skipping=True)
 
     def resumable(study: str) -> list[str]:
         """A fixed sweep folder + resume=true: a rerun continues interrupted runs from their last checkpoint and
@@ -95,114 +117,68 @@ def plan(o: dict) -> list[Stage]:
         return [] if o["force"] else [f"hydra.sweep.dir={H}/train/{study}/reproduce", "resume=true"]
 
     # 1. the per-layer table (figure 1, README)
-    if q:
-        tab = ["batch_size=2", "img_size=64"]
-        tab_out = [R / "table/resnet18_b2_64px_conv_layers.csv", R / "table/resnet18_b2_64px_saved_bytes.csv"]
-    else:
-        tab = []
-        tab_out = [R / "table/resnet18_b32_224px_conv_layers.csv", R / "table/resnet18_b32_224px_saved_bytes.csv"]
+    c = composed("table", toy("table"))
+    stem = R / "table" / f"{c.model.name}_b{c.batch_size}_{c.img_size}px"
     S.append(Stage("table", "per-layer table + saved bytes per preset (fig. 1, README)", "benchmarks.table",
-                   [*tab, f"out_dir={R / 'table'}", f"hydra.run.dir={H}/table"], tab_out))
+                   [*toy("table"), *paths], [Path(f"{stem}_conv_layers.csv"), Path(f"{stem}_saved_bytes.csv")]))
 
-    # 2-4. memory sweeps on meta (figures 2, 3)
-    if q:
-        toy = ["model=test_resnet,test_efficientnet", "img_size=64"]
-        S.append(Stage("memory_by_op", "saved bytes by op kind (fig. 2)", "benchmarks.memory",
-                       ["-m", *toy, "compression=none,authors_b1,pool2,pool4,full4", "batch_size=4", "saved_by_op=true",
-                        "sweep=memory_by_op", "device=meta", *sweep_common], self_skipping=True))
-        S.append(Stage("memory_batch", "peak vs batch size (fig. 3)", "benchmarks.memory",
-                       ["-m", *toy, "compression=none,authors_b1,pool2,pool4,full4", "batch_size=2,8,32",
-                        "saved_by_op=false", "sweep=memory_batch", "device=meta", *sweep_common], self_skipping=True))
-    else:
-        for exp, what in (("memory_by_op", "saved bytes by op kind, 9 models x 6 presets (fig. 2)"),
-                          ("memory_batch", "peak vs batch size, ResNet-18/50 (fig. 3)"),
-                          ("memory_models", "step peak, 20 models x 4 presets x 3 batch sizes")):
-            S.append(Stage(exp, what, "benchmarks.memory", ["-m", f"experiment={exp}", *sweep_common],
-                           self_skipping=True))
+    # 2-4. memory sweeps on meta (figures 2, 3); memory_models has no toy scale
+    S.append(sweep("memory_by_op", "saved bytes by op kind, 9 models x 6 presets (fig. 2)", "memory", "memory_by_op"))
+    S.append(sweep("memory_batch", "peak vs batch size, ResNet-18/50 (fig. 3)", "memory", "memory_batch"))
+    if not q:
+        S.append(sweep("memory_models", "step peak, 20 models x 4 presets x 3 batch sizes", "memory", "memory_models"))
 
     # 5. largest batch per budget (figure 4)
-    if q:
-        S.append(Stage("fit", "largest batch per memory budget (fig. 4)", "benchmarks.fit",
-                       ["-m", "model=test_resnet,test_efficientnet", "compression=none,authors_b1,pool4,full4",
-                        "img_size=64", "budgets_gib=[0.015625,0.03125,0.0625]", "max_batch=1024", "sweep=fit_models",
-                        "device=meta", *sweep_common], self_skipping=True))
-    else:
-        S.append(Stage("fit", "largest batch per memory budget, 4-80 GiB (fig. 4)", "benchmarks.fit",
-                       ["-m", "experiment=fit_models", *sweep_common], self_skipping=True))
+    S.append(sweep("fit", "largest batch per memory budget, 4-80 GiB (fig. 4)", "fit", "fit_models"))
 
     # 6. step time (figure 8)
-    if q:
-        S.append(Stage("speed", "step-time ratio to native on CPU (fig. 8)", "benchmarks.speed",
-                       ["-m", "model=test_resnet", "compression=authors_b1,pool4,full4", "batch_size=4",
-                        "img_size=32", "warmup=1", "iters=2", "sweep=speed_cpu", "device=cpu", *sweep_common],
-                       self_skipping=True))
-    else:
-        S.append(Stage("speed", "step-time ratio to native on CPU (fig. 8)", "benchmarks.speed",
-                       ["-m", "experiment=speed_cpu", *sweep_common], self_skipping=True))
+    S.append(sweep("speed", "step-time ratio to native on CPU (fig. 8)", "speed", "speed_cpu"))
 
-    # 7. whole-set targets: predicted peaks, step time, gradient cosine (figures 7, 8)
-    ws = R / "whole_set"
-    S.append(Stage("whole_set", "whole-set targets: peaks, step time, gradient cosine (figs. 7, 8)",
-                   "benchmarks.whole_set", [*(["quick=true"] if q else []), f"out_dir={ws}",
-                                            f"hydra.run.dir={H}/whole_set"],
-                   [ws / "peak.csv", ws / "speed.csv", ws / "cosine.csv"]))
+    # 7. whole-set targets: predicted peaks of 5 models x 9 presets at batch 256, step time of every preset (fig. 8),
+    # per-layer gradient cosine on one real batch (fig. 7)
+    S.append(sweep("whole_set_peak", "whole-set targets: predicted step peak, batch 256", "memory", "whole_set_peak"))
+    S.append(sweep("whole_set_speed", "whole-set targets: step time of every preset (fig. 8)", "speed",
+                   "whole_set_speed"))
+    ex = R / "exactness"
+    S.append(Stage("grad_cosine", "per-layer gradient cosine on one real batch (fig. 7)", "benchmarks.exactness",
+                   [*exp("exactness", "grad_cosine"), *paths], [ex / "grad_cosine.csv"]))
 
     # 7b. per-op exactness against native PyTorch (README "Exactness, per op"), self-padding convs, whole-model
     # cosine; about two minutes (quick: the whole-model cosine at one point only)
-    ex = R / "exactness"
     S.append(Stage("exactness", "per-op forward/gradient error vs native (README exactness tables)",
-                   "benchmarks.exactness", [*(["whole_model.points=[[2,64]]"] if q else []), f"out_dir={ex}",
-                                            f"hydra.run.dir={H}/exactness"],
+                   "benchmarks.exactness", [*toy("exactness"), *paths],
                    [ex / "exactness.csv", ex / "padding.csv", ex / "whole_model.csv"]))
 
     # 8. memory over one step (figure 9)
-    tl = (["model=test_resnet", "batch_size=8", "img_size=64"] if q else ["model=resnet18", "batch_size=64"])
-    tl_name = "test_resnet_b8.csv" if q else "resnet18_b64.csv"
+    c = composed("timeline", toy("timeline"))
     S.append(Stage("timeline", "memory over one training step, none/pool2/full4 (fig. 9)", "benchmarks.timeline",
-                   [*tl, f"out_dir={R / 'timeline'}", f"hydra.run.dir={H}/timeline"], [R / "timeline" / tl_name]))
+                   [*toy("timeline"), *paths], [R / "timeline" / f"{c.model.name}_b{c.batch_size}.csv"]))
 
-    # 9. training: convergence, time-to-accuracy, gradient cosine per epoch (figures 5, 6, 7)
-    if q:
-        study = "fmnist_quick"
-        out = R / "train" / study
-        args = ["-m", "data=fashion_mnist", "data.subset_train=512", "data.subset_val=256", "model=test_resnet",
-                "compression=none,authors_b1,pool2,pool4,full4", "epochs=2", "batch_size=32", "optim=sgd_cosine",
-                "grad_cosine=true", "targets=[30,40,50]", "threads=1", "progress=false", f"name={study}", f"hydra_dir={H}",
-                *resumable(study), *lg, *train_callback_args(None, out, "[30,40,50]")]
-        S.append(Stage("train", "Fashion-MNIST toy study: 5 presets x 2 epochs (figs. 5-7)", "benchmarks.train",
-                       args, [out / "epochs.csv", out / "summary.csv"]))
-    else:
-        exp = "fmnist_reference"
-        out = R / "train" / exp
-        if (REPO / "conf/experiment" / f"{exp}.yaml").is_file():
-            S.append(Stage("train", "Fashion-MNIST CPU reference study (figs. 5-7)", "benchmarks.train",
-                           ["-m", f"experiment={exp}", f"hydra_dir={H}", *resumable(exp), *lg,
-                            *train_callback_args(exp, out)],
-                           [out / "epochs.csv", out / "summary.csv"]))
-        else:
-            S.append(Stage("train", "Fashion-MNIST CPU reference study (figs. 5-7)", "", [],
-                           note=f"conf/experiment/{exp}.yaml not found"))
+    # 9. training: convergence, time-to-accuracy, gradient cosine per epoch (figures 5, 6, 7); the experiment's
+    # collect callback writes <out_dir>/train/<name>/
+    study = "fmnist_quick" if q else "fmnist_reference"
+    out = R / "train" / study
+    S.append(Stage("train", "Fashion-MNIST toy study: 5 presets x 2 epochs (figs. 5-7)" if q else
+                   "Fashion-MNIST CPU reference study (figs. 5-7)", "benchmarks.train",
+                   ["-m", f"experiment=train/{study}", *paths, *resumable(study), *lg],
+                   [out / "epochs.csv", out / "summary.csv"]))
 
     # 10+. paper scale: measured GPU memory, GPU-verified fit, the authors' ImageNet recipe
     if o["paper"]:
         gpu = ["-m", "device=cuda", "model=resnet18,resnet50,efficientnet_b0",
                "compression=none,authors_b1,pool2,pool4,full2,full4", "batch_size=64", "img_size=224"]
         S.append(Stage("gpu_memory", "measured GPU step peak vs prediction, batch 64 (fig. 3 points)",
-                       "benchmarks.memory", [*gpu, "sweep=gpu_memory", *sweep_common], self_skipping=True))
+                       "benchmarks.memory", [*gpu, "sweep=gpu_memory", *paths, *lg], self_skipping=True))
         S.append(Stage("gpu_fit", "largest batch per budget, verified by real OOM searches (fig. 4)",
-                       "benchmarks.fit", ["-m", "experiment=fit_models", "device=cuda", "sweep=fit_models_cuda",
-                                          *sweep_common], self_skipping=True))
+                       "benchmarks.fit", ["-m", "experiment=fit/fit_models", "device=cuda", "sweep=fit_models_cuda",
+                                          *paths, *lg], self_skipping=True))
         if o["data_root"]:
-            for exp in ("paper_imagenet_resnet18", "paper_imagenet_resnet34", "paper_imagenet_resnet50"):
-                out = R / "train" / exp
-                if not (REPO / "conf/experiment" / f"{exp}.yaml").is_file():
-                    S.append(Stage(exp, "the authors' ImageNet recipe (figs. 5-7)", "", [],
-                                   note=f"conf/experiment/{exp}.yaml not found"))
-                    continue
-                S.append(Stage(exp, "the authors' ImageNet recipe, b = 1, 2, 4 + baselines (figs. 5-7)",
+            for study in ("paper_imagenet_resnet18", "paper_imagenet_resnet34", "paper_imagenet_resnet50"):
+                out = R / "train" / study
+                S.append(Stage(study, "the authors' ImageNet recipe, b = 1, 2, 4 + baselines (figs. 5-7)",
                                "benchmarks.train",
-                               ["-m", f"experiment={exp}", f"data.root={o['data_root']}", f"hydra_dir={H}",
-                                *resumable(exp), *lg, *train_callback_args(exp, out)],
+                               ["-m", f"experiment=train/{study}", f"data.root={o['data_root']}", *paths,
+                                *resumable(study), *lg],
                                [out / "epochs.csv", out / "summary.csv"]))
     S.append(Stage("figures", "draw every figure from the CSVs", "benchmarks.figures",
                    [f"results={R}", *([] if not q and R.resolve() == (REPO / "results").resolve() else ["readme=none"])]))

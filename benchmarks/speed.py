@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 
 from actcomp.measure import compare_step_times
 
-from .sweep import CONF_DIR, BenchError, check_block, check_common, cli, compression_spec, run_point
+from .hydra_conf import CONF_DIR, VERSION_BASE
+from .sweep import BenchError, check_block, check_common, cli, compression_spec, run_point
 
 DISPLAY = ("median_step_s", "images_per_s", "ratio_to_none")
 
@@ -41,7 +42,7 @@ def measure(cfg: DictConfig) -> dict:
                 none_median_step_s=float(base.median_s), none_images_per_s=float(base.images_per_s))
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="speed", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="speed", version_base=VERSION_BASE)
 def main(cfg: DictConfig) -> dict:
     return run_point(cfg, measure, DISPLAY)
 

@@ -1,7 +1,7 @@
 """Per-layer conv table of the study + whole-model saved-for-backward bytes per preset, against both baselines.
 
     python -m benchmarks.table                       # resnet18, batch 32, 224 px -> scratch/table/
-    python -m benchmarks.table out_dir=results/table     # the published CSVs (what make reproduce runs)
+    python -m benchmarks.table out_dir=results           # the published results/table/ (what make reproduce runs)
     python -m benchmarks.table model=resnet50 batch_size=8 device=meta
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from actcomp.models import build_model
 from actcomp.provenance import provenance
 
 from .common import atomic_write_csv, fail
-from .sweep import CONF_DIR, BenchError, check_block, cli, int_option
+from .hydra_conf import CONF_DIR, VERSION_BASE
+from .sweep import BenchError, check_block, cli, int_option
 
 MIB = 2.0**20
 
@@ -68,11 +69,11 @@ def measure(cfg: DictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return layers, totals
 
 
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="table")
+@hydra.main(config_path=str(CONF_DIR), config_name="table", version_base=VERSION_BASE)
 def main(cfg: DictConfig) -> None:
     try:
         layers, totals = measure(cfg)
-        out = Path(hydra.utils.to_absolute_path(cfg.out_dir))
+        out = Path(hydra.utils.to_absolute_path(cfg.out_dir)) / "table"
         stem = f"{cfg.model.name}_b{cfg.batch_size}_{cfg.img_size}px"
         atomic_write_csv(layers, out / f"{stem}_conv_layers.csv")
         atomic_write_csv(totals, out / f"{stem}_saved_bytes.csv")

@@ -1,7 +1,7 @@
 """Memory over one training step (figure 9): bytes allocated after every op for a few presets, one CSV.
 
     python -m benchmarks.timeline                       # resnet18, batch 64, 224 px -> scratch/timeline/resnet18_b64.csv
-    python -m benchmarks.timeline out_dir=results/timeline   # the published CSV (what make reproduce runs)
+    python -m benchmarks.timeline out_dir=results        # the published results/timeline/ (what make reproduce runs)
     python -m benchmarks.timeline model=resnet50 batch_size=32 device=cpu img_size=64   # measured on CPU
     python -m benchmarks.timeline model.name=<any timm model>
 
@@ -20,6 +20,7 @@ import actcomp
 from actcomp.measure import step_timeline
 
 from .common import atomic_write_csv, fail, provenance_row
+from .hydra_conf import CONF_DIR, VERSION_BASE
 from .sweep import BenchError, check_block, cli
 
 MIB = 2.0**20
@@ -56,11 +57,11 @@ def measure(cfg: DictConfig) -> pd.DataFrame:
     return out
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="timeline")
+@hydra.main(config_path=str(CONF_DIR), config_name="timeline", version_base=VERSION_BASE)
 def main(cfg: DictConfig) -> None:
     try:
         df = measure(cfg)
-        path = Path(hydra.utils.to_absolute_path(cfg.out_dir)) / f"{cfg.model.name}_b{cfg.batch_size}.csv"
+        path = Path(hydra.utils.to_absolute_path(cfg.out_dir)) / "timeline" / f"{cfg.model.name}_b{cfg.batch_size}.csv"
         atomic_write_csv(df, path)
     except (actcomp.ActcompError, BenchError, OSError) as e:
         fail(e)

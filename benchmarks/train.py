@@ -1,8 +1,8 @@
 """Training app: convergence, time-to-accuracy and schedule overhead of a compression preset on real data.
 
     python -m benchmarks.train data=fashion_mnist model=resnet18 compression=pool4 epochs=3 optim=sgd_cosine
-    python -m benchmarks.train -m experiment=fmnist_reference              # the CPU reference study
-    python -m benchmarks.train -m experiment=paper_imagenet_resnet50 data.root=/data/imagenet   # the paper
+    python -m benchmarks.train -m experiment=train/fmnist_reference              # the CPU reference study
+    python -m benchmarks.train -m experiment=train/paper_imagenet_resnet50 data.root=/data/imagenet   # the paper
     python -m benchmarks.train collect outputs/train/fmnist_reference --out results/train/fmnist_reference
     torchrun --nproc_per_node=4 -m benchmarks.train experiment=...        # DDP (one process per GPU)
 
@@ -46,6 +46,7 @@ from .common import (
     provenance_row,
     wandb_run,
 )
+from .hydra_conf import CONF_DIR, VERSION_BASE
 from .sweep import GROUPS, BenchError, check_block, compression_spec, int_option, preflight
 
 # Hydra sends this logger to the console and to <run dir>/train.log (the console format: conf/train.yaml).
@@ -197,7 +198,7 @@ def run(cfg: DictConfig) -> dict:
                 if _timestamped() else "")
         print(f"note: resume=true but {out} holds no checkpoint: training from scratch{hint}",
               file=sys.stderr, flush=True)
-    run_id = config_hash(cfg, drop=("logger", "hydra", "resume", "stop_after_epoch", "progress", "hydra_dir",
+    run_id = config_hash(cfg, drop=("logger", "hydra", "out_dir", "resume", "stop_after_epoch", "progress", "hydra_dir",
                                     "name", "epochs", "targets", "num_workers", "threads", "cpu_isa"))
     static = dict(preset=tc.preset if isinstance(tc.preset, str) else tc.preset["preset"], model=tc.model,
                   model_kwargs=json.dumps(tc.model_kwargs, sort_keys=True) if tc.model_kwargs else "", data=data_name, seed=tc.seed, batch_size=tc.batch_size, image_size=data.image_size,
@@ -296,7 +297,7 @@ def cli() -> None:
     main()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=VERSION_BASE)
 def main(cfg: DictConfig) -> dict:
     try:
         return run(cfg)

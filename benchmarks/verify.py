@@ -67,10 +67,8 @@ COLUMNS: dict[str, str] = {
 # (CSV path pattern relative to the results root, {column: kind}) for names that mean different things
 OVERRIDES: list[tuple[str, dict[str, str]]] = [
     ("speed/*.csv", {"ratio_to_none": "step_ratio"}),
-    ("whole_set/speed.csv", {"ratio_to_none": "step_ratio", "device": "provenance"}),
-    ("whole_set/peak.csv", {"ratio_to_none": "memory", "device": "provenance"}),
-    ("whole_set/cosine.csv", {"cosine": "cosine_batch", "device": "provenance"}),
     ("table/*.csv", {"device": "provenance"}),
+    ("exactness/grad_cosine.csv", {"cosine": "cosine_batch", "seed": KEY, "torch_threads": KEY}),
     ("exactness/*.csv", {**{c: KEY for c in ("op", "input", "shape", "output", "torch_threads", "part", "conv",
                                              "reference")},
                          "saved_bytes": "memory", "saved_bytes_native": "memory", "ratio_to_native": "memory",
@@ -88,8 +86,10 @@ IN_ORDER = ("train/*/summary.csv",)
 STAGE_OF: list[tuple[str, str]] = [
     ("table/*.csv", "table"), ("memory/memory_by_op.csv", "memory_by_op"), ("memory/memory_batch.csv", "memory_batch"),
     ("memory/memory_models.csv", "memory_models"), ("memory/gpu_memory.csv", "gpu_memory"),
-    ("fit/fit_models.csv", "fit"), ("fit/fit_models_cuda.csv", "gpu_fit"), ("speed/*.csv", "speed"),
-    ("whole_set/*.csv", "whole_set"), ("timeline/*.csv", "timeline"), ("exactness/*.csv", "exactness"),
+    ("fit/fit_models.csv", "fit"), ("fit/fit_models_cuda.csv", "gpu_fit"),
+    ("memory/whole_set_peak.csv", "whole_set_peak"), ("speed/whole_set_speed.csv", "whole_set_speed"),
+    ("speed/*.csv", "speed"), ("exactness/grad_cosine.csv", "grad_cosine"), ("timeline/*.csv", "timeline"),
+    ("exactness/*.csv", "exactness"),
     *((f"train/{e}/*.csv", e) for e in ("paper_imagenet_resnet18", "paper_imagenet_resnet34", "paper_imagenet_resnet50")),
     ("train/*/*.csv", "train"),
 ]

@@ -19,6 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from benchmarks import sweep
 from benchmarks.common import atomic_write
+from benchmarks.hydra_conf import VERSION_BASE
 
 # Our launcher yamls share the plugins' schema names on purpose (see benchmarks/sweep/__init__.py).
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema:UserWarning")
@@ -58,7 +59,7 @@ def last_line(capsys) -> tuple[str, list[str]]:
 
 @pytest.mark.parametrize("app", ["memory", "speed", "fit"])
 def test_compose_every_app(app):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
         cfg = compose(app, return_hydra_config=True)
         assert cfg.app == app and cfg.model.name == "resnet18" and cfg.compression.name == "none"
         assert cfg.logger.mode == "offline" and cfg.sweep == "adhoc"
@@ -85,8 +86,8 @@ def test_compose_every_app(app):
 
 @pytest.mark.parametrize("app,exp", [("memory", "memory_models"), ("fit", "fit_models"), ("speed", "speed_cpu")])
 def test_compose_experiments(app, exp):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(app, overrides=[f"experiment={exp}"], return_hydra_config=True)
+    with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
+        cfg = compose(app, overrides=[f"experiment={app}/{exp}"], return_hydra_config=True)
     assert cfg.sweep == exp
     n = sweep.count_points(cfg)
     if exp == "memory_models":
@@ -95,8 +96,22 @@ def test_compose_experiments(app, exp):
             assert m in sweep.group_options("model")
 
 
+def test_every_experiment_composes_with_its_app():
+    """conf/experiment/<app>/*.yaml: each composes with that app; a *_quick toy config keeps its study's sweep name."""
+    apps = sorted(p.name for p in (Path(CONF) / "experiment").iterdir() if p.is_dir())
+    assert apps == ["exactness", "fit", "memory", "speed", "table", "timeline", "train"]
+    with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
+        for app in apps:
+            for name in sweep.group_options(f"experiment/{app}"):
+                cfg = compose(app, overrides=[f"experiment={app}/{name}"], return_hydra_config=True)
+                if name.endswith("_quick") and "sweep" in cfg:
+                    full = compose(app, overrides=[f"experiment={app}/{name[:-6]}"], return_hydra_config=True)
+                    assert cfg.sweep == full.sweep, name
+                    assert cfg.hydra.launcher._target_.endswith("BasicLauncher"), name
+
+
 def test_point_key_ignores_bookkeeping():
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
         a = compose("memory", overrides=["model=test_resnet"])
         b = compose("memory", overrides=["model=test_resnet", "out_dir=/x", "logger=disabled", "sweep=s", "force=true"])
         c = compose("memory", overrides=["model=test_resnet", "batch_size=4"])

@@ -72,9 +72,9 @@ def test_pinning_after_kernels_ran_is_refused_and_changes_nothing():
     assert torch.get_num_threads() == n
 
 
-def test_whole_set_cosine_runs_with_the_configured_threads(monkeypatch):
+def test_grad_cosine_runs_with_the_configured_threads(monkeypatch):
     """The cosine measurement sets its own thread count (the bits depend on it) and restores the caller's."""
-    import benchmarks.whole_set as ws
+    import benchmarks.exactness as ex
 
     seen = []
 
@@ -82,13 +82,14 @@ def test_whole_set_cosine_runs_with_the_configured_threads(monkeypatch):
         seen.append(torch.get_num_threads())
         return pd.DataFrame()
 
-    monkeypatch.setattr(ws, "_cosines", fake, raising=False)
-    c = OmegaConf.load(ROOT / "conf" / "whole_set.yaml").cosine
+    monkeypatch.setattr(ex, "_grad_cosines", fake)
+    cfg = OmegaConf.load(ROOT / "conf" / "exactness.yaml")
+    c = cfg.grad_cosine
     n = torch.get_num_threads()
     ambient = 3 if c.threads != 3 else 1
     torch.set_num_threads(ambient)
     try:
-        ws.cosines(c)
+        ex.measure_grad_cosine(cfg)
         assert seen == [c.threads] and torch.get_num_threads() == ambient
     finally:
         torch.set_num_threads(n)

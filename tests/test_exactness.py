@@ -28,8 +28,8 @@ def run(argv: list[str], monkeypatch) -> int:
 
 
 def test_exactness_claims_hold_and_approximations_are_bounded(tmp_path, monkeypatch):
-    out = tmp_path / "ex"
-    argv = [f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}", "conv_inputs=[noise,block_constant]",
+    out = tmp_path / "ex" / "exactness"  # out_dir is the results root
+    argv = [f"out_dir={out.parent}", f"hydra.run.dir={tmp_path / 'h'}", "conv_inputs=[noise,block_constant]",
             "conv_presets=[authors_b1,pool2,pool4,maxpool2,int8]", "parts=[ops]"]
     assert run(argv, monkeypatch) == 0
     df = pd.read_csv(out / "exactness.csv")
@@ -58,10 +58,10 @@ def test_exactness_claims_hold_and_approximations_are_bounded(tmp_path, monkeypa
 
 
 def test_exactness_bad_input_exits_2_and_keeps_earlier_csv(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "ex"
-    out.mkdir()
+    out = tmp_path / "ex" / "exactness"  # out_dir is the results root
+    out.mkdir(parents=True)
     (out / "exactness.csv").write_text("earlier\n")
-    base = [f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}"]
+    base = [f"out_dir={out.parent}", f"hydra.run.dir={tmp_path / 'h'}"]
     assert run([*base, "conv_presets=[pool4,nope]"], monkeypatch) == 2
     assert run([*base, "conv_inputs=[bogus]", "conv_presets=[pool2]"], monkeypatch) == 2
     assert run([*base, "conv_inputs=[]"], monkeypatch) == 2
@@ -86,8 +86,8 @@ def test_committed_exactness_csv_backs_the_readme(capsys):
 def test_self_padding_convs_lose_block_alignment_and_keep_pad_input(tmp_path, monkeypatch):
     """A conv that pads its input itself pools the padded tensor: on a block-constant input the zero-padded conv
     is exact under pool4, the shifted ones are not; F.pad's saved input and StdConv's weight copy stay full."""
-    out = tmp_path / "ex"
-    argv = [f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}", "parts=[padding]", "padding.inputs=[block_constant]",
+    out = tmp_path / "ex" / "exactness"  # out_dir is the results root
+    argv = [f"out_dir={out.parent}", f"hydra.run.dir={tmp_path / 'h'}", "parts=[padding]", "padding.inputs=[block_constant]",
             "padding.presets=[pool4]", "padding.bytes_presets=[pool4]"]
     assert run(argv, monkeypatch) == 0
     assert not (out / "exactness.csv").exists() and not (out / "whole_model.csv").exists()
@@ -116,8 +116,8 @@ def test_self_padding_convs_lose_block_alignment_and_keep_pad_input(tmp_path, mo
 
 
 def test_whole_model_cosine_tiny(tmp_path, monkeypatch):
-    out = tmp_path / "ex"
-    argv = [f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}", "parts=[whole_model]", "whole_model.input=noise",
+    out = tmp_path / "ex" / "exactness"  # out_dir is the results root
+    argv = [f"out_dir={out.parent}", f"hydra.run.dir={tmp_path / 'h'}", "parts=[whole_model]", "whole_model.input=noise",
             "whole_model.models=[test_resnet]", "whole_model.presets=[none,full2]", "whole_model.points=[[2,32]]"]
     assert run(argv, monkeypatch) == 0
     df = pd.read_csv(out / "whole_model.csv").set_index("preset")
@@ -130,11 +130,11 @@ def test_whole_model_cosine_tiny(tmp_path, monkeypatch):
 
 
 def test_exactness_parts_bad_input_exits_2_and_keeps_earlier_csvs(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "ex"
-    out.mkdir()
+    out = tmp_path / "ex" / "exactness"  # out_dir is the results root
+    out.mkdir(parents=True)
     for f in ("exactness.csv", "padding.csv", "whole_model.csv"):
         (out / f).write_text("earlier\n")
-    base = [f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}", "conv_inputs=[noise]", "padding.inputs=[noise]"]
+    base = [f"out_dir={out.parent}", f"hydra.run.dir={tmp_path / 'h'}", "conv_inputs=[noise]", "padding.inputs=[noise]"]
     assert run([*base, "parts=[ops,bogus]"], monkeypatch) == 2
     assert run([*base, "parts=[padding]", "padding.bytes_presets=[int8]"], monkeypatch) == 2
     assert run([*base, "parts=[whole_model]", "whole_model.points=[[2]]"], monkeypatch) == 2

@@ -55,7 +55,7 @@ def toy_results(tmp_path_factory):
     sw = [f"out_dir={R}", f"hydra_dir={H}", "logger=disabled", "hydra/launcher=basic", "device=meta"]
     try:
         steps = [
-            ("table", ["batch_size=2", "img_size=32", f"out_dir={R / 'table'}", f"hydra.run.dir={H}/table"]),
+            ("table", ["batch_size=2", "img_size=32", f"out_dir={R}", f"hydra.run.dir={H}/table"]),
             ("memory", ["-m", "model=test_resnet", "compression=none,authors_b1,pool4,full4",
                         "batch_size=2,4", "img_size=32", "saved_by_op=true", "sweep=memory_by_op", *sw]),
             ("memory", ["-m", "model=test_resnet", "compression=none,full4", "batch_size=2,4", "img_size=32",
@@ -64,7 +64,7 @@ def toy_results(tmp_path_factory):
                      "budgets_gib=[0.0078125,0.015625]", "max_batch=64", "sweep=fit_models", *sw]),
             ("speed", ["-m", "model=test_resnet", "compression=authors_b1,pool4", "batch_size=2", "img_size=32",
                        "warmup=0", "iters=1", "sweep=speed_cpu", *sw[:-1], "device=cpu"]),
-            ("timeline", ["model=test_resnet", "batch_size=2", "img_size=32", f"out_dir={R / 'timeline'}",
+            ("timeline", ["model=test_resnet", "batch_size=2", "img_size=32", f"out_dir={R}",
                           f"hydra.run.dir={H}/timeline"]),
             ("train", ["-m", "data=fashion_mnist", "data.subset_train=128", "data.subset_val=64", "model=test_resnet",
                        "compression=none,authors_b1,pool4", "epochs=2", "batch_size=32", "optim=sgd_cosine",
@@ -154,7 +154,8 @@ def test_reproduce_plan_and_options(tmp_path, capsys):
     out = tmp_path / "rq"
     assert reproduce.main(["quick=true", f"out={out}", "dry_run=true", "paper=true", f"data.root={tmp_path}"]) == 0
     text = capsys.readouterr().out
-    for name in ["table", "memory_by_op", "memory_batch", "fit", "speed", "whole_set", "timeline", "train",
+    for name in ["table", "memory_by_op", "memory_batch", "fit", "speed", "whole_set_peak", "whole_set_speed", "grad_cosine",
+                 "timeline", "train",
                  "gpu_memory", "gpu_fit", "paper_imagenet_resnet18", "figures"]:
         assert f"] {name}" in text, name
     assert "device=cuda" in text and f"out_dir={out}" in text and "readme=none" in text
@@ -162,7 +163,7 @@ def test_reproduce_plan_and_options(tmp_path, capsys):
     # the CPU-scale plan never touches results-quick and quick never writes into results/
     assert reproduce.main(["dry_run=true", "paper=false"]) == 0
     text = capsys.readouterr().out
-    assert "experiment=memory_models" in text and "results-quick" not in text
+    assert "experiment=memory/memory_models" in text and "results-quick" not in text
     assert reproduce.main(["quick=true", f"out={REPO / 'results'}", "dry_run=true"]) == 2
     assert reproduce.main(["stages=nope", "dry_run=true", "paper=false"]) == 2
     assert reproduce.main(["quick=maybe"]) == 2

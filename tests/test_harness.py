@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -12,15 +13,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from test_benchmarks import CONF, TINY, _results_snapshot, last_line, run_app
 
-from benchmarks import figures, sweep, whole_set
+from benchmarks import exactness, figures, sweep
 from benchmarks.common import atomic_write
+from benchmarks.hydra_conf import VERSION_BASE
 from benchmarks.plots import data as plot_data
 from benchmarks.plots import memory as plot_memory
 from benchmarks.plots import style as plot_style
-from benchmarks.plots.tables import md_fit
+from benchmarks.plots.readme import README_RENDERERS
+from benchmarks.plots.tables import md_fit, md_peak
 
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema:UserWarning")
 REPO = Path(__file__).resolve().parent.parent
@@ -28,12 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 # ------------------------------------------------------------------------------------------ 7: where runs write
 
-@pytest.mark.parametrize("app,expect", [("memory", "scratch"), ("fit", "scratch"), ("speed", "scratch"),
-                                        ("table", "scratch/table"), ("timeline", "scratch/timeline"),
-                                        ("whole_set", "scratch/whole_set")])
-def test_ad_hoc_runs_default_to_git_ignored_scratch(app, expect):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        assert compose(app).out_dir == expect
+@pytest.mark.parametrize("app", ["memory", "fit", "speed", "table", "timeline", "exactness", "train"])
+def test_ad_hoc_runs_default_to_git_ignored_scratch(app):
+    # one results root for every app (conf/paths/default.yaml); each app writes under <out_dir>/<app>/
+    with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
+        assert compose(app).out_dir == "scratch"
     assert "scratch/" in (REPO / ".gitignore").read_text().split()
 
 
@@ -43,7 +44,7 @@ def test_reproduce_writes_results_explicitly(tmp_path):
     o = reproduce.parse(["paper=false", "dry_run=true"])
     for st in reproduce.plan(o):
         if st.module in ("benchmarks.memory", "benchmarks.fit", "benchmarks.speed", "benchmarks.table",
-                         "benchmarks.timeline", "benchmarks.whole_set"):
+                         "benchmarks.timeline", "benchmarks.exactness", "benchmarks.train"):
             outs = [a for a in st.args if a.startswith("out_dir=")]
             assert outs and outs[0].split("=", 1)[1].startswith(str(REPO / "results")), st.name
 
@@ -89,43 +90,42 @@ def test_collect_warns_on_truncated_or_incomplete_records(tmp_path, monkeypatch,
     assert len(pd.read_csv(tmp_path / "results" / "memory" / "t.csv")) == 1
 
 
-def test_whole_set_every_point_of_a_model_fails_no_traceback():
-    c = OmegaConf.create(dict(models=["test_resnet", "no_such_model"], presets=["none", "pool4"], batch_size=2,
-                              img_size=32, optimizer="sgd"))
-    df = whole_set.peaks(c)
-    assert list(df.status) == ["ok", "ok", "error", "error"]
-    assert df[df.model == "no_such_model"].peak_gib.isna().all()
-    only_bad = whole_set.peaks(OmegaConf.merge(c, {"models": ["no_such_model"]}))
-    assert (only_bad.status == "error").all() and "peak_gib" in only_bad and "ratio_to_none" in only_bad
+def test_whole_set_peak_every_point_of_a_model_fails_no_traceback(tmp_path, monkeypatch):
+    """The whole-set peak experiment: a model that cannot be built is recorded as error points, the rest measured."""
+    args = ["-m", "experiment=memory/whole_set_peak_quick", "model=test_resnet", "model.name=test_resnet,no_such_model",
+            "compression=none,pool4", "batch_size=2", "img_size=32", "logger=disabled"]
+    assert run_app("memory", args, tmp_path, monkeypatch) == 1
+    df = pd.read_csv(tmp_path / "results" / "memory" / "whole_set_peak.csv")
+    assert sorted(zip(df["model.name"], df.status)) == [("no_such_model", "error"), ("no_such_model", "error"),
+                                                        ("test_resnet", "ok"), ("test_resnet", "ok")]
+    assert df[df["model.name"] == "no_such_model"].peak_bytes.isna().all()
 
 
-def test_whole_set_quick_keeps_user_overrides_and_refuses_maybe(monkeypatch):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("whole_set", overrides=["quick=true", "peak.models=[resnet18]", "speed.iters=3"])
-        bad = compose("whole_set", overrides=["quick=maybe"])
-        badint = compose("whole_set", overrides=["cosine.batch_size=abc"])
-    monkeypatch.setattr(whole_set, "_given_keys", lambda: {"peak.models", "speed.iters"})
-    eff = whole_set.effective_config(cfg)
-    assert list(eff.peak.models) == ["resnet18"] and eff.speed.iters == 3  # the user's values
-    assert eff.peak.batch_size == 8 and eff.speed.model == "test_resnet"  # quick's tiny defaults elsewhere
-    with pytest.raises(sweep.BenchError, match="quick='maybe': use true or false"):
-        whole_set.effective_config(bad)
-    with pytest.raises(sweep.BenchError, match="cosine.batch_size='abc'"):
-        whole_set.effective_config(badint)
+def test_quick_experiments_keep_user_overrides():
+    """Toy scale is configuration: the _quick experiment's values, except where the command line gives one."""
+    with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
+        peak = compose("memory", overrides=["experiment=memory/whole_set_peak_quick", "img_size=32"])
+        speed = compose("speed", overrides=["experiment=speed/whole_set_speed_quick", "iters=3"])
+        cos = compose("exactness", overrides=["experiment=exactness/grad_cosine_quick", "grad_cosine.warm_steps=5"])
+    assert peak.img_size == 32 and peak.batch_size == 8 and peak.sweep == "whole_set_peak"  # the user's, quick's
+    assert speed.iters == 3 and speed.warmup == 1 and speed.batch_size == 4
+    assert cos.grad_cosine.warm_steps == 5 and cos.grad_cosine.model == "test_resnet" and list(cos.parts) == [
+        "grad_cosine"]
 
 
-def test_whole_set_bad_quick_exit_2_nothing_written(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["whole_set", "quick=maybe", f"out_dir={tmp_path / 'ws'}",
-                                      f"hydra.run.dir={tmp_path / 'h'}"])
+def test_grad_cosine_bad_input_exit_2_nothing_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["exactness", "experiment=exactness/grad_cosine", "grad_cosine.batch_size=abc",
+                                      f"out_dir={tmp_path / 'ws'}", f"hydra.run.dir={tmp_path / 'h'}"])
     monkeypatch.setenv("HYDRA_MAIN_MODULE", "__main__")
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with pytest.raises(SystemExit) as e:
-        whole_set.main()
+        exactness.main()
     GlobalHydra.instance().clear()
     assert e.value.code == 2 and not (tmp_path / "ws").exists()
-    assert capsys.readouterr().err.strip().splitlines() == ["error: quick='maybe': use true or false"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: grad_cosine.batch_size must be an int >= 1, got 'abc'"]
 
 
 # ------------------------------------------------------------------------------------------ 13: no silent loss
@@ -175,7 +175,7 @@ def test_timeline_device_cpu_from_the_command_line(tmp_path, monkeypatch):
     out = tmp_path / "tl"
     assert run_plain("timeline", ["model=test_resnet", "device=cpu", "batch_size=2", "img_size=32",
                                   "presets=[none]", f"out_dir={out}", f"hydra.run.dir={tmp_path}/h"], monkeypatch) == 0
-    df = pd.read_csv(out / "test_resnet_b2.csv")
+    df = pd.read_csv(out / "timeline" / "test_resnet_b2.csv")
     assert (df.method == "memtracker-cpu (measured)").all() and df.allocated_bytes.max() > 0
 
 
@@ -337,3 +337,13 @@ def test_int_option_and_bench_errors_are_one_line_user_messages():
         int_option(-1, "k", lo=0, none_ok=True)
     with pytest.raises(ValueError, match="k='x': must be an integer >= 1"):
         int_option("x", "k", text=True, error=ValueError)
+
+
+def test_md_peak_renders_the_whole_set_peak_sweep():
+    """README table of memory/whole_set_peak.csv: peak GiB and the ratio to `none` of the same model (ok rows)."""
+    df = pd.DataFrame({"model.name": ["m", "m", "m"], "compression.name": ["none", "full4", "pool4"],
+                       "peak_bytes": [2 * 2**30, 2**29, float("nan")], "status": ["ok", "ok", "error"]})
+    md = md_peak(df, "memory/whole_set_peak.csv")
+    assert "| none | 2.00 GiB (1.00×) |" in md and "| full4 | 0.50 GiB (0.25×) |" in md and "pool4" not in md
+    rel = "results/memory/whole_set_peak.csv"
+    assert [f for pat, f in README_RENDERERS if re.fullmatch(pat, rel)] == [md_peak]

@@ -15,8 +15,8 @@ def test_table_writes_layers_and_totals(tmp_path):
     r = _run("model=test_resnet", "batch_size=2", "img_size=32", "device=meta", f"out_dir={tmp_path}",
              f"hydra.run.dir={tmp_path}/h", cwd=".")
     assert r.returncode == 0, r.stderr
-    layers = pd.read_csv(tmp_path / "test_resnet_b2_32px_conv_layers.csv")
-    totals = pd.read_csv(tmp_path / "test_resnet_b2_32px_saved_bytes.csv").set_index("preset")
+    layers = pd.read_csv(tmp_path / "table" / "test_resnet_b2_32px_conv_layers.csv")
+    totals = pd.read_csv(tmp_path / "table" / "test_resnet_b2_32px_saved_bytes.csv").set_index("preset")
     assert layers.layer.iloc[-1] == "TOTAL"
     assert layers.input_mib.iloc[-1] == pytest.approx(layers.input_mib.iloc[:-1].sum())
     assert (layers.pool2_mib.iloc[:-1] <= layers.input_mib.iloc[:-1]).all()
@@ -34,8 +34,9 @@ def test_table_writes_layers_and_totals(tmp_path):
     (["img_size=3", "blocks=[4]", "presets=[none]"], "img_size=3 is smaller than the 4x4 block of blocks=[4]"),
 ])
 def test_table_bad_input_one_line_exit_2(tmp_path, args, msg):
-    (tmp_path / "keep.csv").write_text("x\n1\n")
+    (tmp_path / "table").mkdir()
+    (tmp_path / "table" / "keep.csv").write_text("x\n1\n")  # <out_dir>/table/: where the table writes
     r = _run(*args, f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/h", cwd=".")
     assert r.returncode == 2
     assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert (tmp_path / "keep.csv").read_text() == "x\n1\n"
+    assert (tmp_path / "table" / "keep.csv").read_text() == "x\n1\n"

@@ -23,6 +23,7 @@ from actcomp.train import (
     time_to_accuracy,
     train,
 )
+from benchmarks.hydra_conf import VERSION_BASE
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -119,7 +120,7 @@ def test_killed_app_resumes_to_the_same_metrics(tiny_data, tmp_path):
 
     from benchmarks.train import train_config
 
-    with initialize_config_dir(str(CONF), version_base="1.3"):
+    with initialize_config_dir(str(CONF), version_base=VERSION_BASE):
         cfg = compose("train", overrides=args[:-1])
     ref = train(train_config(cfg, None), tiny_data)
     for k in ("train_loss", "val_loss", "val_top1"):
@@ -231,7 +232,7 @@ def test_app_bad_config_is_one_line_exit_2(tmp_path):
     warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")  # Hydra noise
     assert preflight(["optim=sgd_cosin"], TRAIN_GROUPS).startswith("unknown optim 'sgd_cosin'")
     assert preflight(["data=fmnist"], TRAIN_GROUPS).startswith("unknown data 'fmnist'")
-    with initialize_config_dir(str(CONF), version_base="1.3"):
+    with initialize_config_dir(str(CONF), version_base=VERSION_BASE):
         for bad, msg in (("seed=abc", "seed='abc': must be an integer >= 0"),
                          ("threads=0", "threads=0: must be an integer >= 1 or null"),
                          ("targets=[a]", "targets=['a']: must be a list of numbers")):

@@ -45,7 +45,9 @@ def test_every_committed_column_is_classified(root):
     assert verify.kind_of("memory/memory_batch.csv", "torch_version") == "provenance"
     assert verify.kind_of("speed/speed_cpu.csv", "elapsed_s") == "wall"
     assert verify.kind_of("speed/speed_cpu.csv", "ratio_to_none") == "step_ratio"
-    assert verify.kind_of("whole_set/peak.csv", "ratio_to_none") == "memory"
+    assert verify.kind_of("speed/whole_set_speed.csv", "ratio_to_none") == "step_ratio"
+    assert verify.kind_of("exactness/grad_cosine.csv", "cosine") == "cosine_batch"
+    assert verify.stage_of("memory/whole_set_peak.csv") == "whole_set_peak"
 
 
 def test_compare_value_bands():

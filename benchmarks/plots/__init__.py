@@ -14,7 +14,7 @@ FIGURES: list[tuple[int, str, Callable, str]] = [
     (4, "fig4_smallest_gpu.png", fig4_fit, "largest batch per GPU budget (fit/fit_models.csv, fit/fit_models_cuda.csv)"),
     (5, "fig5_convergence.png", fig5_convergence, "convergence (train/*/epochs.csv)"),
     (6, "fig6_time_to_accuracy.png", fig6_time_to_accuracy, "time-to-accuracy ratios (train/*/summary.csv)"),
-    (7, "fig7_grad_cosine.png", fig7_cosine, "gradient cosine (train/*/grad_cosine.csv or whole_set/cosine.csv)"),
-    (8, "fig8_step_time.png", fig8_speed, "step-time overhead (speed/speed_cpu.csv, whole_set/speed.csv)"),
+    (7, "fig7_grad_cosine.png", fig7_cosine, "gradient cosine (train/*/grad_cosine.csv or exactness/grad_cosine.csv)"),
+    (8, "fig8_step_time.png", fig8_speed, "step-time overhead (speed/speed_cpu.csv, speed/whole_set_speed.csv)"),
     (9, "fig9_step_timeline.png", fig9_timeline, "memory over one step (timeline/*.csv)"),
 ]

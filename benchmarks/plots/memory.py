@@ -62,7 +62,7 @@ def fig1_layers(R: Results, plt):
 
 
 def fig2_by_kind(R: Results, plt):
-    df = sweep_frame(R.read_all(SWEEPS["fig2"], "run: python -m benchmarks.memory -m experiment=memory_by_op",
+    df = sweep_frame(R.read_all(SWEEPS["fig2"], "run: python -m benchmarks.memory -m experiment=memory/memory_by_op",
                                 ("model.name", "compression.name", "batch_size", "saved_total_bytes"),
                                 skip_lacking=True))
     df = default_settings(df[df["saved_total_bytes"].notna()])
@@ -142,7 +142,7 @@ def _measured_gpu(R: Results) -> pd.DataFrame:
 
 
 def fig3_peak_vs_batch(R: Results, plt):
-    df = sweep_frame(R.read_all(SWEEPS["fig3"], "run: python -m benchmarks.memory -m experiment=memory_batch",
+    df = sweep_frame(R.read_all(SWEEPS["fig3"], "run: python -m benchmarks.memory -m experiment=memory/memory_batch",
                                 ("model.name", "compression.name", "batch_size", "peak_bytes", "method"),
                                 skip_lacking=True))
     pred = default_settings(df[df["method"].astype(str).str.startswith("memtracker-meta")])
@@ -192,7 +192,7 @@ def fig3_peak_vs_batch(R: Results, plt):
 
 
 def fig4_fit(R: Results, plt):
-    df = sweep_frame(R.read_all(SWEEPS["fig4"], "run: python -m benchmarks.fit -m experiment=fit_models",
+    df = sweep_frame(R.read_all(SWEEPS["fig4"], "run: python -m benchmarks.fit -m experiment=fit/fit_models",
                                 ("model.name", "compression.name")))
     budgets = budget_cols(df, "max_batch_")
     if not budgets or df.empty:

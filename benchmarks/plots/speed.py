@@ -12,20 +12,14 @@ from .style import MIB, PHASE_COLORS, footer, label, line_style, sort_presets
 
 def fig8_speed(R: Results, plt):
     frames = []
-    for p in sorted(R.root.glob(SWEEPS["fig8"])):
+    for p in [p for pat in SWEEPS["fig8"] for p in sorted(R.root.glob(pat))]:
         d = sweep_frame(R.read(p, ("model.name", "compression.name", "ratio_to_none")))
         d = default_settings(d)
         d["_source"] = R.rel(p)
         frames.append(d)
-    ws = R.root / "whole_set/speed.csv"
-    if ws.is_file():
-        d = R.read(ws, ("preset", "ratio_to_none"))
-        d = d[d["preset"] != "none"].copy()
-        d["_source"] = R.rel(ws)
-        frames.append(d)
     if not frames:
-        raise Missing(f"no {R.rel(R.root)}/speed/speed_cpu.csv nor whole_set/speed.csv "
-                      f"(run: python -m benchmarks.speed -m experiment=speed_cpu)")
+        raise Missing(f"no {R.rel(R.root)}/speed/speed_cpu.csv nor speed/whole_set_speed.csv "
+                      f"(run: python -m benchmarks.speed -m experiment=speed/speed_cpu)")
     df = pd.concat(frames, ignore_index=True)
     df = df[df["preset"] != "none"]
     if df.empty:
@@ -40,7 +34,7 @@ def fig8_speed(R: Results, plt):
             bits.append(f"{int(r['img_size'])}px")
         dev = r.get("device_name", r.get("device", ""))
         bits.append(str(dev).split(":")[0] if pd.notna(dev) else "")
-        return " ".join(b for b in bits if b) + f" [{Path(r['_source']).parent.name}]"
+        return " ".join(b for b in bits if b) + f" [{Path(r['_source']).stem}]"
 
     df["series"] = [series(r) for _, r in df.iterrows()]
     df = df.drop_duplicates(subset=["series", "preset"], keep="last")

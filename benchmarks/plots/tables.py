@@ -83,7 +83,10 @@ def _preset_by_model(df: pd.DataFrame, header: Callable[[str], str], cell: Calla
 
 
 def md_peak(df: pd.DataFrame, rel: str) -> str:
-    df = df[df.get("status", "ok") == "ok"] if "status" in df else df
+    """Step peak (GiB) and its ratio to `none` of the same model, from a memory sweep CSV."""
+    df = sweep_frame(df)
+    df["peak_gib"] = df["peak_bytes"] / 2.0**30
+    df["ratio_to_none"] = df["peak_gib"] / df["model"].map(df[df["preset"] == "none"].set_index("model")["peak_gib"])
     return _preset_by_model(df, str, lambda s: f"{s['peak_gib'].iloc[0]:.2f} GiB ({s['ratio_to_none'].iloc[0]:.2f}×)")
 
 

@@ -39,7 +39,7 @@ def fig5_convergence(R: Results, plt):
     from matplotlib.ticker import MaxNLocator
 
     studies = _study_frames(R, "epochs.csv", ("preset", "epoch", "val_top1", "elapsed_s"),
-                            "run: python -m benchmarks.train -m experiment=fmnist_reference")
+                            "run: python -m benchmarks.train -m experiment=train/fmnist_reference")
     fig, axes = plt.subplots(len(studies), 2, figsize=(12, 4.3 * len(studies)), squeeze=False)
     srcs, notes = [], []
     for (study, df, path), (a1, a2) in zip(studies, axes):
@@ -75,7 +75,7 @@ def fig5_convergence(R: Results, plt):
 
 def fig6_time_to_accuracy(R: Results, plt):
     studies = _study_frames(R, "summary.csv", ("preset", "target", "target_kind", "epochs_ratio", "time_ratio"),
-                            "run: python -m benchmarks.train -m experiment=fmnist_reference")
+                            "run: python -m benchmarks.train -m experiment=train/fmnist_reference")
     metrics = [("epochs_ratio", "epochs to target / baseline's"), ("time_ratio", "wall time to target / baseline's"),
                ("cpu_time_ratio", "CPU time to target / baseline's")]
     fig, axes = plt.subplots(len(studies), 3, figsize=(15, 4.6 * len(studies)), squeeze=False)
@@ -133,10 +133,11 @@ def fig7_cosine(R: Results, plt):
     if studies:
         return _fig7_epochs(R, plt, studies)
     try:
-        df = R.read(R.csvs("whole_set/cosine.csv", "")[0], ("preset", "layer", "cosine"))
+        df = R.read(R.csvs("exactness/grad_cosine.csv", "")[0], ("preset", "layer", "cosine"))
     except Missing:
         raise Missing(f"neither {R.rel(R.root)}/train/*/grad_cosine.csv (train with grad_cosine=true) nor "
-                      f"{R.rel(R.root)}/whole_set/cosine.csv (run: python -m benchmarks.whole_set)") from None
+                      f"{R.rel(R.root)}/exactness/grad_cosine.csv (run: python -m benchmarks.exactness "
+                      f"experiment=exactness/grad_cosine)") from None
     presets = sort_presets(df["preset"])
     layers = list(dict.fromkeys(df["layer"]))
     mat = np.array([[df[(df.preset == p) & (df.layer == layer)]["cosine"].mean() for layer in layers]
@@ -158,8 +159,8 @@ def fig7_cosine(R: Results, plt):
     cb.set_label("cosine(compressed, exact weight gradient)")
     model = most_common(df["model"]) if "model" in df else ""
     ax.set_title(f"Per-layer gradient cosine vs exact, on one real Fashion-MNIST batch, {model} — from "
-                 f"whole_set/cosine.csv (no per-epoch training log found)", fontsize=10)
-    footer(fig, f"measured on CPU; {R.rel(R.root / 'whole_set/cosine.csv')}; {provenance_note(df)}")
+                 f"exactness/grad_cosine.csv (no per-epoch training log found)", fontsize=10)
+    footer(fig, f"measured on CPU; {R.rel(R.root / 'exactness/grad_cosine.csv')}; {provenance_note(df)}")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     return fig
 

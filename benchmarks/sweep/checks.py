@@ -93,7 +93,8 @@ def swept_keys(config: DictConfig) -> list[str]:
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    # nested folders are options too: experiment=memory/memory_models is conf/experiment/memory/memory_models.yaml
+    return sorted(p.relative_to(CONF_DIR / group).with_suffix("").as_posix() for p in (CONF_DIR / group).rglob("*.yaml"))
 
 
 def preflight(argv: list[str], groups: tuple[str, ...] = GROUPS) -> str | None:

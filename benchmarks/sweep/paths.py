@@ -7,8 +7,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import OutputError
-
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
+from ..hydra_conf import CONF_DIR  # noqa: F401  (re-exported: the apps take it from .sweep)
 
 
 def ensure_writable(folder: Path, keep: bool = False) -> Path:
