@@ -265,10 +265,10 @@ def measure_grad_cosine(cfg: DictConfig) -> pd.DataFrame:
 
 
 def _grad_cosines(c) -> pd.DataFrame:
-    from actcomp.memory import build_model
-
     from actcomp.data import build_data
     from actcomp.diagnostics import grad_cosine
+    from actcomp.models import build_model
+    from actcomp.step import train_step
 
     torch.manual_seed(0)
     data = build_data("fashion_mnist", image_size=c.img_size, channels=3, resize="pad", subset_train=2048, subset_seed=0)
@@ -278,10 +278,7 @@ def _grad_cosines(c) -> pd.DataFrame:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     batches = iter(loader)
     for _ in range(c.warm_steps):
-        x, y = next(batches)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        train_step(model, opt, *next(batches))
     x, y = next(batches)
     rows = [dict(model=c.model, preset=p, layer=layer, cosine=cos)
             for p in c.presets for layer, cos in grad_cosine(model, p, x, y).items()]
