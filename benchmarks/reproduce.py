@@ -53,7 +53,7 @@ class Stage:
     note: str = ""
 
 
-def _fmt(s: float) -> str:
+def fmt_duration(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
@@ -238,7 +238,7 @@ class Heartbeat:
 
     def _run(self):
         while not self.stop.wait(self.every):
-            print(f"\n{self.tag}: still running, {_fmt(time.perf_counter() - self.t0)} elapsed", file=sys.stderr,
+            print(f"\n{self.tag}: still running, {fmt_duration(time.perf_counter() - self.t0)} elapsed", file=sys.stderr,
                   flush=True)
 
     def __enter__(self):
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             report.append((st.name, "n/a", 0.0, st.note))
             continue
         if st.outputs and all(p.is_file() for p in st.outputs) and not o["force"]:
-            print(f"\n{tag}: done before ({', '.join(_rel(p) for p in st.outputs)}); skipped (force=true reruns)",
+            print(f"\n{tag}: done before ({', '.join(rel_path(p) for p in st.outputs)}); skipped (force=true reruns)",
                   flush=True)
             report.append((st.name, "skipped", 0.0, "outputs exist"))
             continue
@@ -373,15 +373,15 @@ def main(argv: list[str] | None = None) -> int:
         dt = time.perf_counter() - t0
         missing = [p for p in st.outputs if not p.is_file()]
         status = "ok" if rc == 0 and not missing else "FAILED"
-        why = f"exit {rc}" if rc else (f"missing {', '.join(_rel(p) for p in missing)}" if missing else "")
-        print(f"{tag}: {status} in {_fmt(dt)} {('(' + why + ')') if why else ''}(total {_fmt(time.perf_counter() - t_all)})",
+        why = f"exit {rc}" if rc else (f"missing {', '.join(rel_path(p) for p in missing)}" if missing else "")
+        print(f"{tag}: {status} in {fmt_duration(dt)} {('(' + why + ')') if why else ''}(total {fmt_duration(time.perf_counter() - t_all)})",
               flush=True)
         report.append((st.name, status, dt, why))
     total = time.perf_counter() - t_all
-    print(f"\n{'=' * 100}\nreproduce: summary ({scale}, {_rel(o['out'])}, {_fmt(total)} in all)")
+    print(f"\n{'=' * 100}\nreproduce: summary ({scale}, {rel_path(o['out'])}, {fmt_duration(total)} in all)")
     w = max(len(r[0]) for r in report) if report else 5
     for name, status, dt, why in report:
-        print(f"  {name:<{w}}  {status:<8} {_fmt(dt):>8}  {why}")
+        print(f"  {name:<{w}}  {status:<8} {fmt_duration(dt):>8}  {why}")
     # Only a run that measured something is logged: a rerun that skips every stage (and redraws the figures
     # byte for byte) leaves the committed files as they were.
     if not o["dry_run"] and any(r[1] in ("ok", "FAILED") and r[0] != "figures" for r in report):
@@ -411,10 +411,10 @@ def _log_stage_times(out: Path, scale: str, started: str, report: list, total: f
         df = pd.DataFrame(rows) if old is None else pd.concat([old, pd.DataFrame(rows)], ignore_index=True)
         atomic_write_csv(df, path)
     except (OSError, ValueError) as e:  # a damaged log is left as it is, never overwritten
-        print(f"reproduce: could not write {_rel(path)} ({e})", file=sys.stderr)
+        print(f"reproduce: could not write {rel_path(path)} ({e})", file=sys.stderr)
 
 
-def _rel(p: Path) -> str:
+def rel_path(p: Path) -> str:
     try:
         return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:

@@ -430,7 +430,7 @@ def run_verify(o: dict) -> int:
         print(f"verify: unknown stage(s) {', '.join(unknown)}; stages here: {', '.join(names)}", file=sys.stderr)
         return 2
     stages = o["stages"] or names
-    print(f"verify: committed {reproduce._rel(committed)} vs a re-run in {reproduce._rel(o['out'])} "
+    print(f"verify: committed {reproduce.rel_path(committed)} vs a re-run in {reproduce.rel_path(o['out'])} "
           f"(stages: {', '.join(stages)})", flush=True)
     rc_run = 0
     if not o["compare_only"]:
@@ -440,7 +440,7 @@ def run_verify(o: dict) -> int:
                 f"fork={str(o['fork']).lower()}", f"heartbeat={o['heartbeat']:g}"]
         t0 = time.perf_counter()
         rc_run = reproduce.main(argv)
-        print(f"verify: re-run ended with exit status {rc_run} after {reproduce._fmt(time.perf_counter() - t0)}",
+        print(f"verify: re-run ended with exit status {rc_run} after {reproduce.fmt_duration(time.perf_counter() - t0)}",
               flush=True)
         if o["dry_run"]:
             return rc_run
@@ -448,12 +448,12 @@ def run_verify(o: dict) -> int:
         print(f"verify: compare_only=true: {o['out']} does not exist", file=sys.stderr)
         return 2
     results = compare_roots(committed, o["out"], stages, tol)
-    print(f"\n{'=' * 100}\nverify: committed {reproduce._rel(committed)} vs re-run {reproduce._rel(o['out'])}"
+    print(f"\n{'=' * 100}\nverify: committed {reproduce.rel_path(committed)} vs re-run {reproduce.rel_path(o['out'])}"
           f"{' (toy scale)' if o['quick'] else ''}; tolerances: conf/verify.yaml")
     report(results, tol)
     cells = o["out"] / "verify" / "comparison.csv"
     write_cells(results, cells)
-    print(f"  every compared value: {reproduce._rel(cells)}")
+    print(f"  every compared value: {reproduce.rel_path(cells)}")
     if gpu:
         import torch
 
