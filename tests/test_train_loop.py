@@ -4,20 +4,13 @@ import math
 
 import pytest
 import torch
+from test_training import _tiny_cfg  # the same tiny run: test_resnet, pool2, 3 epochs, dropout
 
 from actcomp.data import build_data
-from actcomp.train import TrainConfig, train
+from actcomp.train import train
 
 # Timings and the host-dependent memory source are the only columns that may differ between two runs.
 WALL = {"epoch_time_s", "eval_time_s", "cpu_time_s", "elapsed_s", "images_per_s"}
-
-
-def _cfg(**kw) -> TrainConfig:
-    base = dict(model="test_resnet", preset="pool2", epochs=3, batch_size=16, opt=dict(opt="sgd", lr=0.05),
-                sched=dict(sched="cosine", step_on_epochs=False), progress=False, memory=False, threads=1,
-                model_kwargs=dict(drop_rate=0.3))  # dropout draws from the RNG every step
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +38,12 @@ def test_killed_run_resumes_bitwise(data, tmp_path):
     """Interrupted after epoch 1 of 3 (dropout, gradient cosine and the memory columns on), then resume=true:
     every metric, every cosine, the weights and the optimizer state equal an uninterrupted run's bit for bit."""
     kw = dict(grad_cosine=True, memory=True)
-    full = train(_cfg(ckpt_path=str(tmp_path / "full.pt"), **kw), data)
+    full = train(_tiny_cfg(ckpt_path=str(tmp_path / "full.pt"), **kw), data)
     with pytest.raises(Killed):
-        train(_cfg(ckpt_path=str(tmp_path / "cut.pt"), **kw), data, callback=_kill_after(1))
+        train(_tiny_cfg(ckpt_path=str(tmp_path / "cut.pt"), **kw), data, callback=_kill_after(1))
     assert torch.load(tmp_path / "cut.pt", weights_only=False)["epoch"] == 1
     torch.manual_seed(123)  # whatever the process did in between: the checkpoint's RNG state is what counts
-    rest = train(_cfg(ckpt_path=str(tmp_path / "cut.pt"), resume=True, **kw), data)
+    rest = train(_tiny_cfg(ckpt_path=str(tmp_path / "cut.pt"), resume=True, **kw), data)
     assert rest.finished and [r["epoch"] for r in rest.history] == [1, 2, 3]
     strip = [[{k: v for k, v in r.items() if k not in WALL} for r in res.history] for res in (full, rest)]
     assert strip[0] == strip[1]
@@ -73,7 +66,7 @@ def test_grad_cosine_during_training(data, preset):
     """One row per weight layer (conv and linear) per epoch, values in [-1, 1] (NaN where timm's zero-init last
     BatchNorm gamma makes a gradient exactly zero); the history's mean/min are those of the rows. ``none`` against
     native and the authors' b=1 copy (bitwise native gradients) give 1.0; pooled conv inputs give less."""
-    res = train(_cfg(preset=preset, epochs=2, grad_cosine=True), data)
+    res = train(_tiny_cfg(preset=preset, epochs=2, grad_cosine=True), data)
     layers = _weight_layers()
     for e in (1, 2):
         rows = [r for r in res.cosines if r["epoch"] == e]
@@ -92,8 +85,8 @@ def test_grad_cosine_during_training(data, preset):
 
 def test_grad_cosine_does_not_change_the_run(data):
     """The diagnostic runs on copies outside the run's RNG stream: the trajectory is the same without it."""
-    on = train(_cfg(epochs=2, grad_cosine=True), data).history
-    off = train(_cfg(epochs=2), data).history
+    on = train(_tiny_cfg(epochs=2, grad_cosine=True), data).history
+    off = train(_tiny_cfg(epochs=2), data).history
     keys = ("train_loss", "train_top1", "val_loss", "val_top1", "lr")
     assert [[r[k] for k in keys] for r in on] == [[r[k] for k in keys] for r in off]
     assert all(math.isnan(r["grad_cos_mean"]) for r in off) and not any(math.isnan(r["grad_cos_mean"]) for r in on)
