@@ -26,8 +26,11 @@ data:
 	  && echo "fashion-mnist: installed" || echo "fashion-mnist: apt install failed (see README: Data)"; \
 	else echo "fashion-mnist: not installed and apt unavailable (see README: Data)"; fi
 
+# Two pytest-xdist workers (one torch thread each, tests/conftest.py): the suite's target is 2 cores.
+# `make test TEST_WORKERS=0` runs in one process; `TEST_WORKERS=auto` uses every core.
+TEST_WORKERS ?= 2
 test: install data
-	WANDB_MODE=disabled $(PY) -m pytest
+	WANDB_MODE=disabled $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 lint: install
 	.venv/bin/ruff check .

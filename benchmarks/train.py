@@ -121,7 +121,7 @@ def _run_name(preset: str, model: str, seed: int) -> str:
     return name
 
 
-def _wandb_metrics(row: dict) -> dict:
+def wandb_metrics(row: dict) -> dict:
     """Epoch/summary numbers for W&B; the peak key says what the number is (on CPU it is a prediction)."""
     src = str(row.get("peak_mem_source") or "")
     out = {k: v for k, v in row.items() if k != "peak_mem_mib"}
@@ -220,7 +220,7 @@ def run(cfg: DictConfig) -> dict:
             rows[:] = [r for r in rows if r["epoch"] < row["epoch"]]  # a resume redoes epochs after its checkpoint
             rows.append({**static, **{k: v for k, v in row.items() if k in EPOCH_COLUMNS}, **prov})
             _write_csv(out / "history.csv", rows, [*RUN_COLS, *EPOCH_COLUMNS, *PROVENANCE_COLS])
-            log_metrics(wb, _wandb_metrics({k: v for k, v in row.items() if k in EPOCH_COLUMNS}), step=row["epoch"])
+            log_metrics(wb, wandb_metrics({k: v for k, v in row.items() if k in EPOCH_COLUMNS}), step=row["epoch"])
             log.info(f"[{static['preset']}] epoch {row['epoch']}: train loss {row['train_loss']:.4f}, "
                      f"val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%, {row['epoch_time_s']:.1f}s "
                      f"({row['images_per_s']:.0f} img/s)")
@@ -242,7 +242,7 @@ def run(cfg: DictConfig) -> dict:
         atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str, allow_nan=True))
         if wb is not None:
             # time-to-accuracy (tta_<target>_epoch/_time_s) included; a target never reached has no key
-            wb.summary.update({k: v for k, v in _wandb_metrics(res.summary).items()
+            wb.summary.update({k: v for k, v in wandb_metrics(res.summary).items()
                                if isinstance(v, (int, float, str))})
         for line in report_lines(summary, tc.targets, out, wb):
             log.info(line)
@@ -344,14 +344,14 @@ def collect(run_dirs, out: str | os.PathLike, baseline: str = "none", targets=()
                              **{k: h[k].iloc[-1] for k in PROVENANCE_COLS if k in h}))
     summary = pd.DataFrame(rows)
     atomic_write(out / "summary.csv", summary.to_csv(index=False))
-    cos = [_with_provenance(pd.read_csv(d / "grad_cosine.csv"), d) for d in run_dirs
+    cos = [with_provenance(pd.read_csv(d / "grad_cosine.csv"), d) for d in run_dirs
            if (d / "grad_cosine.csv").is_file()]
     if cos:
         atomic_write(out / "grad_cosine.csv", pd.concat(cos, ignore_index=True).to_csv(index=False))
     return dict(epochs=epochs, summary=summary)
 
 
-def _with_provenance(cos, run_dir: Path):
+def with_provenance(cos, run_dir: Path):
     """A run's cosine rows with its provenance; runs written before the cosine file carried it take it from the
     same run's history.csv (written by the same process)."""
     import pandas as pd

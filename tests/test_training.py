@@ -202,12 +202,12 @@ def test_epoch_sampler_covers_each_pass_once():
 
 def test_collect_gives_cosine_rows_their_runs_provenance(tmp_path):
     """Cosine files written without provenance take it from the same run's history (collect)."""
-    from benchmarks.train import _with_provenance
+    from benchmarks.train import with_provenance
 
     (tmp_path / "history.csv").write_text("epoch,val_top1,git_sha,device_name,date\n1,50,abc123,cpu,2026-01-01\n")
-    cos = _with_provenance(pd.DataFrame({"epoch": [1, 1], "layer": ["a", "b"], "cosine": [0.9, 0.8]}), tmp_path)
+    cos = with_provenance(pd.DataFrame({"epoch": [1, 1], "layer": ["a", "b"], "cosine": [0.9, 0.8]}), tmp_path)
     assert list(cos["git_sha"]) == ["abc123", "abc123"] and list(cos["date"]) == ["2026-01-01"] * 2
-    kept = _with_provenance(pd.DataFrame({"epoch": [1], "git_sha": ["own"]}), tmp_path)
+    kept = with_provenance(pd.DataFrame({"epoch": [1], "git_sha": ["own"]}), tmp_path)
     assert list(kept["git_sha"]) == ["own"]
 
 
@@ -294,7 +294,7 @@ def test_wandb_keys_groups_names_and_overhead_summary(tmp_path, monkeypatch):
 
     import benchmarks.train as bt
     from benchmarks.common import SWEPT_ENV, WandbProbe
-    from benchmarks.train import _wandb_metrics, overhead_summary, wandb_group
+    from benchmarks.train import overhead_summary, wandb_group, wandb_metrics
 
     # a run's W&B name: preset, model, seed and whatever else its sweep varies (the launcher records that)
     monkeypatch.delenv(SWEPT_ENV, raising=False)
@@ -307,11 +307,11 @@ def test_wandb_keys_groups_names_and_overhead_summary(tmp_path, monkeypatch):
     monkeypatch.setattr(bt.HydraConfig, "get", lambda: job)
     assert bt._run_name("pool2", "resnet18", 0) == "pool2 resnet18 s0 optim.lr=0.05"
 
-    pred = _wandb_metrics(dict(epoch=1, peak_mem_mib=12.5, peak_mem_source="predicted step peak (meta)", saved_mib=3.0))
+    pred = wandb_metrics(dict(epoch=1, peak_mem_mib=12.5, peak_mem_source="predicted step peak (meta)", saved_mib=3.0))
     assert pred == dict(epoch=1, predicted_step_peak_mib=12.5, peak_mem_source="predicted step peak (meta)",
                         saved_mib=3.0)
-    assert "peak_mem_mib" not in _wandb_metrics(dict(peak_mem_mib=3.0, peak_mem_source="saved-for-backward (accounting)"))
-    assert _wandb_metrics(dict(peak_mem_mib=7.0, peak_mem_source="cuda max_memory_allocated"))["cuda_max_allocated_mib"] == 7
+    assert "peak_mem_mib" not in wandb_metrics(dict(peak_mem_mib=3.0, peak_mem_source="saved-for-backward (accounting)"))
+    assert wandb_metrics(dict(peak_mem_mib=7.0, peak_mem_source="cuda max_memory_allocated"))["cuda_max_allocated_mib"] == 7
     assert wandb_group(str(tmp_path / "train" / "s" / "multirun-1"), str(tmp_path), "s") == "train/s/multirun-1"
     assert wandb_group("/elsewhere/sweep", str(tmp_path), "s") == "train/s/sweep"
     rows = pd.DataFrame([dict(preset="pool4", target_kind="fixed", target=88.0, epochs_ratio=1.75, time_ratio=1.9,
