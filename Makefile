@@ -5,7 +5,7 @@ STAMP := .venv/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test lint reproduce verify figures data clean-results gpu-check
+.PHONY: install test lint reproduce verify figures data clean-results gpu-check study
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ reproduce: install data
 # reproduced). QUICK=1: toy scale against results/quick/; STAGES=table,timeline: some stages only.
 verify: install data
 	$(PY) -m benchmarks.reproduce verify=true $(if $(QUICK),quick=true,) $(if $(STAGES),stages=$(STAGES),)
+
+# The memory-accuracy frontier (figure 10, results/train/frontier/): presets x seeds, two model families
+# (~3 h on 2 idle cores; QUICK=1: toy scale into results-quick/). Re-running continues interrupted runs.
+study: install data
+	$(PY) -m benchmarks.reproduce study=true $(if $(QUICK),quick=true,out=results) stages=frontier_resnet18,frontier_mobile,figures
 
 figures: install
 	$(PY) -m benchmarks.figures

@@ -12,6 +12,8 @@ Options (key=value):
   force=false       run stages again although their CSVs exist (the sweeps then measure every point again)
   stages=           comma-separated subset of the stage names (default: all that apply)
   paper=auto        auto: the CUDA stages run when torch.cuda.is_available(); true/false to force
+  study=false       also the memory-accuracy frontier studies (train/frontier/, figure 10; ~3 h on 2 idle
+                    cores, toy scale with quick=true); `make study` runs only them and the figures
   data.root=        an ImageNet folder: adds the paper's ResNet-18/34/50 ImageNet runs (with CUDA)
   logger=           W&B mode for the apps that log (offline by default; quick: disabled)
   dry_run=false     print each stage's command and what would be skipped, run nothing
@@ -180,6 +182,14 @@ def plan(o: dict) -> list[Stage]:
                                ["-m", f"experiment=train/{study}", f"data.root={o['data_root']}", *paths,
                                 *resumable(study), *lg],
                                [out / "epochs.csv", out / "summary.csv"]))
+    # the memory-accuracy frontier (figure 10): presets x seeds on two architecture families; opt-in (hours)
+    if o["study"]:
+        for fam in ("resnet18", "mobile"):
+            study = f"frontier_{fam}{'_quick' if q else ''}"
+            out = R / "train" / "frontier" / study
+            S.append(Stage(f"frontier_{fam}", f"memory-accuracy frontier, {fam}: presets x seeds on Fashion-MNIST (fig. 10)",
+                           "benchmarks.train", ["-m", f"experiment=train/{study}", *paths, *resumable(study), *lg],
+                           [out / "summary.csv", R / "train" / "frontier" / "frontier.csv"]))
     S.append(Stage("figures", "draw every figure from the CSVs", "benchmarks.figures",
                    [f"results={R}", *([] if not q and R.resolve() == (REPO / "results").resolve() else ["readme=none"])]))
     return S
@@ -253,11 +263,11 @@ class Heartbeat:
 
 def parse(argv: list[str]) -> dict:
     o = parse_kv(argv, dict(quick="false", out="", force="false", stages="", paper="auto", logger="",
-                            dry_run="false", fork="true", heartbeat="60", verify="false", reference="",
+                            dry_run="false", fork="true", heartbeat="60", verify="false", reference="", study="false",
                             compare_only="false", **{"data.root": ""}), __doc__)
 
     res = dict(quick=flag(o, "quick"), force=flag(o, "force"), dry_run=flag(o, "dry_run"),
-               fork=flag(o, "fork") and hasattr(os, "fork"))
+               fork=flag(o, "fork") and hasattr(os, "fork"), study=flag(o, "study"))
     res["verify"], res["compare_only"] = flag(o, "verify"), flag(o, "compare_only")
     if not res["verify"] and (o["reference"] or res["compare_only"]):
         raise ValueError("reference= and compare_only= belong to verify=true")

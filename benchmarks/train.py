@@ -372,9 +372,11 @@ def find_runs(sweep_dir: str | os.PathLike) -> list[Path]:
 class CollectTrain(Callback):
     """Hydra callback: when a multirun ends, collect its runs into ``out`` (see :func:`collect`)."""
 
-    def __init__(self, out: str, baseline: str = "none", targets=(), deltas=(0.5, 1.0)):
+    def __init__(self, out: str, baseline: str = "none", targets=(), deltas=(0.5, 1.0), frontier: str | None = None):
         self.out, self.baseline = out, baseline
         self.targets, self.deltas = list(targets or ()), list(deltas or ())
+        # a frontier study: also rebuild <frontier>/frontier.csv from every study collected below that folder
+        self.frontier = frontier
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         runs = find_runs(config.hydra.sweep.dir)
@@ -384,6 +386,10 @@ class CollectTrain(Callback):
         print(f"collected {len(runs)} run(s) into {self.out}/ (epochs.csv, summary.csv)")
         s = res["summary"]
         log_overhead_wandb(config, s, self.baseline)
+        if self.frontier:
+            from .frontier import write_frontier
+
+            print(f"frontier table: {write_frontier(self.frontier)}")
         if len(s):
             show = s[s["target_kind"] == "fixed"][["preset", "target", "epoch", "epochs_ratio", "time_ratio",
                                                    "cpu_time_ratio", "final_val_top1"]]

@@ -74,6 +74,9 @@ OVERRIDES: list[tuple[str, dict[str, str]]] = [
                          "saved_bytes": "memory", "saved_bytes_native": "memory", "ratio_to_native": "memory",
                          "exact_by_design": "exact", "bitwise": "exact", "rel_l2": "op_error", "cosine": "op_error",
                          "max_abs_err": "op_error"}),
+    ("train/frontier/frontier.csv", {"peak_ratio": "memory", "r50_b256_peak_ratio": "memory",
+                                     "epochs_to_*": "epochs_to_target", "target_*": "top1_final",
+                                     "time_to_*": "wall", "cpu_time_to_*": "wall", "epochs_ratio_*": "info"}),
     ("train/*/epochs.csv", {"epoch": KEY}),
     ("train/*/grad_cosine.csv", {"epoch": KEY, "cosine": "cosine_train"}),
     # the baseline_best targets move with the baseline's best accuracy, so they are values, not keys
@@ -91,6 +94,8 @@ STAGE_OF: list[tuple[str, str]] = [
     ("speed/*.csv", "speed"), ("exactness/grad_cosine.csv", "grad_cosine"), ("timeline/*.csv", "timeline"),
     ("exactness/*.csv", "exactness"),
     *((f"train/{e}/*.csv", e) for e in ("paper_imagenet_resnet18", "paper_imagenet_resnet34", "paper_imagenet_resnet50")),
+    ("train/frontier/frontier_resnet18*/*.csv", "frontier_resnet18"),
+    ("train/frontier/frontier_mobile*/*.csv", "frontier_mobile"), ("train/frontier/frontier.csv", "frontier_mobile"),
     ("train/*/*.csv", "train"),
 ]
 # Not results of a stage: logs (stage times), the toy reference inside results/, Hydra/W&B run folders; GPU
@@ -125,8 +130,12 @@ def tolerance_text(t: dict) -> str:
 
 def kind_of(rel: str, col: str) -> str | None:
     for pat, cols in OVERRIDES:
-        if fnmatch.fnmatch(rel, pat) and col in cols:
-            return cols[col]
+        if fnmatch.fnmatch(rel, pat):
+            if col in cols:
+                return cols[col]
+            hit = next((k for p, k in cols.items() if any(ch in p for ch in "*?[") and fnmatch.fnmatch(col, p)), None)
+            if hit:
+                return hit
     if col in COLUMNS:
         return COLUMNS[col]
     return next((k for p, k in COLUMNS.items() if any(ch in p for ch in "*?[") and fnmatch.fnmatch(col, p)), None)
@@ -437,7 +446,7 @@ def run_verify(o: dict) -> int:
         argv = [f"quick={str(o['quick']).lower()}", f"out={o['out']}", f"stages={','.join(stages)}",
                 f"paper={str(gpu).lower()}", f"logger={o['logger'] or 'disabled'}",
                 f"force={str(o['force']).lower()}", f"dry_run={str(o['dry_run']).lower()}",
-                f"fork={str(o['fork']).lower()}", f"heartbeat={o['heartbeat']:g}"]
+                f"fork={str(o['fork']).lower()}", f"heartbeat={o['heartbeat']:g}", f"study={str(o['study']).lower()}"]
         t0 = time.perf_counter()
         rc_run = reproduce.main(argv)
         print(f"verify: re-run ended with exit status {rc_run} after {reproduce.fmt_duration(time.perf_counter() - t0)}",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .frontier import fig10_frontier
 from .memory import fig1_layers, fig2_by_kind, fig3_peak_vs_batch, fig4_fit
 from .speed import fig8_speed, fig9_timeline
 from .training import fig5_convergence, fig6_time_to_accuracy, fig7_cosine
@@ -17,4 +18,5 @@ FIGURES: list[tuple[int, str, Callable, str]] = [
     (7, "fig7_grad_cosine.png", fig7_cosine, "gradient cosine (train/*/grad_cosine.csv or exactness/grad_cosine.csv)"),
     (8, "fig8_step_time.png", fig8_speed, "step-time overhead (speed/speed_cpu.csv, speed/whole_set_speed.csv)"),
     (9, "fig9_step_timeline.png", fig9_timeline, "memory over one step (timeline/*.csv)"),
+    (10, "fig10_frontier.png", fig10_frontier, "memory-accuracy frontier (train/frontier/frontier.csv)"),
 ]
