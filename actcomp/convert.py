@@ -136,32 +136,17 @@ def _norm_call(func, spec, args, kwargs):
         x, rm, rv, w, b, training, momentum, eps = _bind(
             args, kwargs, ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"],
             dict(weight=None, bias=None, training=False, momentum=0.1, eps=1e-5))
-
-        def fwd(x_, w_, b_):
-            return F.batch_norm(x_, rm, rv, w_, b_, training, momentum, eps)
-
-        def bwd(x_, w_, b_):  # batch statistics of x̂; running buffers untouched
-            return F.batch_norm(x_, None if training else rm, None if training else rv, w_, b_, training, 0.0, eps)
-
-        params = (w, b)
-    elif func is F.layer_norm:
+        _record(spec, func.__name__, x.shape, _nbytes(x), ops.quantized_nbytes(x.shape))
+        return ops.batch_norm(x, rm, rv, w, b, training, momentum, eps, sr, spec.name)
+    if func is F.layer_norm:
         x, shape, w, b, eps = _bind(args, kwargs, ["input", "normalized_shape", "weight", "bias", "eps"],
                                     dict(weight=None, bias=None, eps=1e-5))
-
-        def fwd(x_, w_, b_):
-            return F.layer_norm(x_, shape, w_, b_, eps)
-
-        bwd, params = fwd, (w, b)
-    else:  # group_norm
-        x, groups, w, b, eps = _bind(args, kwargs, ["input", "num_groups", "weight", "bias", "eps"],
-                                     dict(weight=None, bias=None, eps=1e-5))
-
-        def fwd(x_, w_, b_):
-            return F.group_norm(x_, groups, w_, b_, eps)
-
-        bwd, params = fwd, (w, b)
+        _record(spec, func.__name__, x.shape, _nbytes(x), ops.quantized_nbytes(x.shape))
+        return ops.layer_norm(x, shape, w, b, eps, sr, spec.name)
+    x, groups, w, b, eps = _bind(args, kwargs, ["input", "num_groups", "weight", "bias", "eps"],
+                                 dict(weight=None, bias=None, eps=1e-5))
     _record(spec, func.__name__, x.shape, _nbytes(x), ops.quantized_nbytes(x.shape))
-    return ops.recompute(fwd, bwd, "norm input", x, params, sr, spec.name)
+    return ops.group_norm(x, groups, w, b, eps, sr, spec.name)
 
 
 _VALUE_ACTS = {F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.mish, torch.sigmoid, torch.Tensor.sigmoid,
@@ -193,14 +178,35 @@ def _act_call(func, spec, args, kwargs):
         # In-place variants run out of place: callers use the returned tensor (x = act(x)).
         kw = {k: v for k, v in kwargs.items() if k != "inplace"}
         rest = tuple(a for a in args[1:] if not isinstance(a, bool))
+        _record(spec, getattr(func, "__name__", "act"), x.shape, _nbytes(x), ops.quantized_nbytes(x.shape))
+        closed = _closed_form_act(func, rest, kw)
+        if closed is not None:
+            return ops.activation(closed[0], x, closed[1], cfg.stochastic_rounding, spec.name)
         plain = {torch.Tensor.sigmoid_: torch.sigmoid}.get(func, func)
 
         def fn(x_):
             return plain(x_, *rest, **kw)
 
-        _record(spec, getattr(func, "__name__", "act"), x.shape, _nbytes(x), ops.quantized_nbytes(x.shape))
         return ops.recompute(fn, fn, "activation", x, (), cfg.stochastic_rounding, spec.name)
     return func(*args, **kwargs)
+
+
+_ACT_OPS = {F.silu: "silu", F.gelu: "gelu", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.mish: "mish",
+            torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid", torch.Tensor.sigmoid_: "sigmoid",
+            torch.tanh: "tanh", torch.Tensor.tanh: "tanh", F.elu: "elu", F.celu: "celu", F.selu: "selu"}
+
+
+def _closed_form_act(func, rest, kw):
+    """(op, params) of ops.activation for a call with a closed-form derivative; None: recompute instead."""
+    op = _ACT_OPS.get(func)
+    if op == "gelu" and len(rest) + len(kw) <= 1 and set(kw) <= {"approximate"}:
+        approx = kw.get("approximate", rest[0] if rest else "none")
+        return (op, (approx,)) if approx in ("none", "tanh") else None
+    if op in ("elu", "celu") and len(rest) + len(kw) <= 1 and set(kw) <= {"alpha"}:
+        return op, (float(kw.get("alpha", rest[0] if rest else 1.0)),)
+    if op is not None and op not in ("gelu", "elu", "celu") and not rest and not kw:
+        return op, ()
+    return None
 
 
 _MUL_FUNCS = {torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.mul, torch.Tensor.mul}

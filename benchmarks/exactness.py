@@ -55,7 +55,7 @@ def _spec(preset: str):
 
 def _elementwise_cases():
     """(op label, module factory, input shape, exact_by_design per output)."""
-    from timm.layers import LayerScale2d, SqueezeExcite
+    from timm.layers import LayerNorm2d, LayerScale2d, SqueezeExcite
 
     act_shape, tok_shape = (8, 16, 14, 14), (8, 49, 64)
     exact_in = {"forward": True, "input": True}
@@ -66,13 +66,21 @@ def _elementwise_cases():
         ("ReLU6, 1-bit mask", nn.ReLU6, act_shape, exact_in),
         ("LeakyReLU(0.2), 1-bit mask", lambda: nn.LeakyReLU(0.2), act_shape, exact_in),
         ("max-pool 3×3 s2, uint8 window offsets", lambda: nn.MaxPool2d(3, 2, 1), act_shape, exact_in),
-        ("BatchNorm2d, uint8 + recompute", lambda: nn.BatchNorm2d(16), act_shape, approx),
-        ("LayerNorm, uint8 + recompute", lambda: nn.LayerNorm(64), tok_shape, approx),
-        ("GroupNorm, uint8 + recompute", lambda: nn.GroupNorm(4, 16), act_shape, approx),
-        ("SiLU, uint8 + recompute", nn.SiLU, act_shape, {"forward": True, "input": False}),
-        ("GELU, uint8 + recompute", nn.GELU, tok_shape, {"forward": True, "input": False}),
-        ("Sigmoid, uint8 + recompute", nn.Sigmoid, act_shape, {"forward": True, "input": False}),
-        ("Hardswish, uint8 + recompute", nn.Hardswish, act_shape, {"forward": True, "input": False}),
+        ("BatchNorm2d, uint8 + closed-form backward", lambda: nn.BatchNorm2d(16), act_shape, approx),
+        ("LayerNorm, uint8 + closed-form backward", lambda: nn.LayerNorm(64), tok_shape, approx),
+        ("LayerNorm2d (timm, NHWC permute), uint8 + closed-form backward", lambda: LayerNorm2d(16), act_shape,
+         approx),
+        ("GroupNorm, uint8 + closed-form backward", lambda: nn.GroupNorm(4, 16), act_shape, approx),
+        ("GroupNorm (a group per channel), uint8 + closed-form backward", lambda: nn.GroupNorm(16, 16), act_shape,
+         approx),
+        ("SiLU, uint8 + closed-form backward", nn.SiLU, act_shape, {"forward": True, "input": False}),
+        ("GELU, uint8 + closed-form backward", nn.GELU, tok_shape, {"forward": True, "input": False}),
+        ("GELU (tanh approximation), uint8 + closed-form backward", lambda: nn.GELU(approximate="tanh"), tok_shape,
+         {"forward": True, "input": False}),
+        ("Sigmoid, uint8 + closed-form backward", nn.Sigmoid, act_shape, {"forward": True, "input": False}),
+        ("Tanh, uint8 + closed-form backward", nn.Tanh, act_shape, {"forward": True, "input": False}),
+        ("Hardswish, uint8 + closed-form backward", nn.Hardswish, act_shape, {"forward": True, "input": False}),
+        ("Hardsigmoid, uint8 + closed-form backward", nn.Hardsigmoid, act_shape, {"forward": True, "input": False}),
         ("Linear, uint8 input", lambda: nn.Linear(64, 32), tok_shape,
          {"forward": True, "input": True, "weight": False, "bias": True}),
         ("layer-scale γ (timm LayerScale2d), uint8 input", lambda: LayerScale2d(16, 0.5), act_shape,

@@ -1,7 +1,9 @@
 """Compressed-activation autograd functions. Each module states what is exact and what is approximated."""
+from .act import CLOSED_FORM_ACTS, ClosedFormActivation, activation
 from .conv import PooledConv2d, pool_blocks, pooled_nbytes, unpool_blocks
 from .linear import Int8Linear, Int8ScaleMul
 from .mask import MaskedActivation, hardtanh, leaky_relu, relu
+from .norm import ClosedFormNorm, batch_norm, group_norm, layer_norm
 from .pool import CompactMaxPool2d, max_pool2d
 from .quant import (
     dequantize_uint8,
@@ -17,5 +19,6 @@ __all__ = [
     "PooledConv2d", "pool_blocks", "pooled_nbytes", "unpool_blocks", "Int8ScaleMul", "Int8Linear",
     "MaskedActivation", "hardtanh", "leaky_relu", "relu", "CompactMaxPool2d", "max_pool2d",
     "dequantize_uint8", "pack_bits", "packed_bits_nbytes", "quantize_uint8", "quantized_nbytes", "unpack_bits",
-    "RecomputeFromInt8", "recompute",
+    "RecomputeFromInt8", "recompute", "CLOSED_FORM_ACTS", "ClosedFormActivation", "activation", "ClosedFormNorm",
+    "batch_norm", "group_norm", "layer_norm",
 ]

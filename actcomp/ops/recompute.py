@@ -1,12 +1,10 @@
-"""Save an 8-bit code of an op's input and recompute the op from it in backward.
+"""Save an 8-bit code of an op's input and recompute the op from it in backward: the fallback.
 
-Used for activations that need values (SiLU, GELU, Hardswish, Sigmoid, ...) and for normalization layers
-(BatchNorm, LayerNorm, GroupNorm). Forward output: exact (the original call). Gradients: those of the op
-evaluated at x̂, where |x - x̂| <= (max - min)/510 per group (see ``quant.group_shape``: an (n, c) plane,
-a token row, or a sample). Relative L2 gradient errors per op are measured by ``python -m benchmarks.exactness``
-(results/exactness/exactness.csv); tests bound them at 2% (Hardswish 6%: a code can cross a kink of its
-derivative). BatchNorm running statistics are updated exactly once, in the forward pass; the
-recomputation in backward uses batch statistics of x̂ and never touches the buffers.
+The norms (ops/norm.py) and the smooth activations (ops/act.py) have closed-form backwards and no longer come
+here; convert.py uses this only for an activation call whose arguments it does not recognise (e.g. a future
+keyword of ``F.gelu``), which still gets the right gradient, just by re-running the op under autograd.
+Forward output: exact (the original call). Gradients: those of the op evaluated at x̂, where
+|x - x̂| <= (max - min)/510 per group (see ``quant.group_shape``: an (n, c) plane, a token row, or a sample).
 """
 from __future__ import annotations
 
