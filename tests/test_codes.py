@@ -236,3 +236,20 @@ def test_meta_prediction_equals_cpu_measurement_for_coded_presets(preset):
     cpu = actcomp.step_memory("test_resnet", 4, img_size=48, preset=preset, device="cpu", foreach=False)
     assert meta.peak_bytes == cpu.peak_bytes and meta.after_forward_bytes == cpu.after_forward_bytes
     assert meta.breakdown == cpu.breakdown
+
+
+def test_compiled_coded_conv_matches_eager_without_graph_breaks():
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                         nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(2, 3, 16, 16)
+    grads = []
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for compiled in (False, True):
+        m = actcomp.compress(copy.deepcopy(base), "full_p2q8")
+        fn = torch.compile(m, backend="aot_eager") if compiled else m
+        torch.manual_seed(5)
+        fn(x).sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    assert all(torch.equal(a, c) for a, c in zip(*grads))
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])

@@ -10,7 +10,10 @@ Exactness (stated per output):
 
 Groups: one (n, c) plane when the (pooled) plane has >= 64 elements, else one channel over N·H·W (as the uint8
 codes of the other ops): activations differ in scale mostly between channels, and an (n, c) plane is a
-contiguous row, so grouping needs no copy. ``lo``/``scale`` are fp32, 8 bytes per group.
+contiguous row, so grouping needs no copy. Measured on the conv inputs of a timm ResNet-18 (random init, 32
+Fashion-MNIST test images at 64 px), one draw: per-plane groups decode with a relative L2 error of 0.0042 / 0.071
+/ 0.355 at 8 / 4 / 2 bits, per-channel groups over the batch 0.0052 / 0.088 / 0.438. ``lo``/``scale`` are fp32,
+8 bytes per group.
 
 Packing: ``8 // bits`` codes per byte over the flattened code tensor (zero-padded once at the end), so a
 4-bit code of ``n`` elements takes ``ceil(n / 2)`` bytes and a 2-bit code ``ceil(n / 4)``. The packed uint8
