@@ -6,7 +6,10 @@ Exactness (stated per output):
 - weight gradient: from the decoded (then nearest-upsampled, when pooled) input. The code is per group affine,
   ``x̂ = lo + q·scale`` with ``q`` in ``[0, 2^bits - 1]``, and rounded stochastically, so it is unbiased:
   ``E[x̂] = pool_b(x)`` (``x`` itself at b=1). The weight gradient is linear in the saved input, so its
-  expectation is the gradient from the uncoded (pooled) input: exact in expectation at b=1.
+  expectation is the gradient from the uncoded (pooled) input: exact in expectation at b=1. Measured relative L2
+  error of one draw's weight gradient (``python -m benchmarks.exactness "conv_presets=[pool2,pool4,q8,q4,q2,p2q8,
+  p2q4]" "presets=[]" "parts=[ops]"``; 3×3 conv 1→32 on 16 Fashion-MNIST test images at 32 px): 8 bits 0.003,
+  4 bits 0.049, 2 bits 0.287; 2×2 pool + 8 bits 0.270 (pool2 alone 0.270, pool4 0.466).
 
 Groups: one (n, c) plane when the (pooled) plane has >= 64 elements, else one channel over N·H·W (as the uint8
 codes of the other ops): activations differ in scale mostly between channels, and an (n, c) plane is a
