@@ -32,6 +32,9 @@ class CompressionConfig:
     copy_b1: route b=1 convs through the compressed function, saving ``avg_pool2d(x, 1)``: the authors'
         uncompressed baseline, which keeps a full copy. Without it, b=1 is native PyTorch.
     grad_filter: also pool the output gradient and compute the weight gradient at low resolution.
+    conv_bits: save each conv input (b×b-pooled first where b > 1) as a packed, stochastically rounded per-group
+        integer code of 8, 4 or 2 bits (``actcomp.ops.code``); None keeps it uncoded. An int for every conv,
+        or a mapping of module-name glob patterns to bits or None (first match wins, unmatched: uncoded).
     relu/act/norm/pool/linear/mul: how ReLU-family activations, value activations (SiLU, GELU, ...),
         normalization inputs, max-pool indices, Linear inputs and squeeze-excite gating muls are saved.
     include/exclude: module-name glob patterns restricting which modules are converted.
@@ -43,6 +46,7 @@ class CompressionConfig:
     conv_pool: str = "avg"
     copy_b1: bool = False
     grad_filter: bool = False
+    conv_bits: int | Mapping[str, int | None] | None = None
     relu: str = "none"
     act: str = "none"
     norm: str = "none"
@@ -61,7 +65,8 @@ class CompressionConfig:
     @property
     def compresses_convs(self) -> bool:
         blocks = self.block.values() if isinstance(self.block, Mapping) else [self.block]
-        return self.copy_b1 or any(b > 1 for b in blocks)
+        bits = self.conv_bits.values() if isinstance(self.conv_bits, Mapping) else [self.conv_bits]
+        return self.copy_b1 or any(b > 1 for b in blocks) or any(b is not None for b in bits)
 
     def replace(self, **kw) -> CompressionConfig:
         _check_keys(kw)
@@ -81,6 +86,18 @@ def _check_block(b, where="block"):
     if b < 1:
         raise ActcompError(f"{where} must be an int >= 1, got {b}")
     return int(b)
+
+
+CONV_BITS = (8, 4, 2)
+
+
+def _check_bits(v, where="conv_bits"):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) not in CONV_BITS:
+        form = " or a {pattern: bits} mapping" if where == "conv_bits" else ""
+        raise ActcompError(f"{where} must be one of {', '.join(map(str, CONV_BITS))} or None{form}, got {_show(v)}")
+    return int(v)
 
 
 def _patterns(v, key):
@@ -117,6 +134,17 @@ def _normalize(cfg: CompressionConfig) -> None:
     else:
         block = _check_block(cfg.block)
     object.__setattr__(cfg, "block", block)
+    if isinstance(cfg.conv_bits, Mapping):
+        if not cfg.conv_bits:
+            raise ActcompError("conv_bits mapping is empty; give 8, 4, 2, None or {pattern: bits}")
+        bits = {}
+        for pat, b in cfg.conv_bits.items():
+            if not isinstance(pat, str):
+                raise ActcompError(f"conv_bits pattern must be a string, got {_show(pat)}")
+            bits[pat] = _check_bits(b, f"conv_bits[{pat!r}]")
+    else:
+        bits = _check_bits(cfg.conv_bits)
+    object.__setattr__(cfg, "conv_bits", bits)
     for key in ("include", "exclude"):
         object.__setattr__(cfg, key, _patterns(getattr(cfg, key), key))
 
@@ -125,6 +153,9 @@ def validate(cfg: CompressionConfig) -> None:
     _normalize(cfg)
     if cfg.peer != "none" and (cfg.compresses_convs or any(getattr(cfg, k) != "none" for k in _WHOLE_SET)):
         raise ActcompError(f"peer={cfg.peer!r} is a stand-alone baseline; do not combine it with other compression")
+    if cfg.conv_bits is not None and (cfg.copy_b1 or cfg.grad_filter):
+        what = "copy_b1 (the authors' uncompressed copy)" if cfg.copy_b1 else "grad_filter"
+        raise ActcompError(f"conv_bits cannot be combined with {what}")
 
 
 _STRINGS = ("name", "description")
@@ -150,6 +181,21 @@ PRESETS: dict[str, CompressionConfig] = {
                           description="conv inputs 2x2 pooled + every other saved tensor compressed"),
         CompressionConfig("full4", block=4, **_FULL,
                           description="conv inputs 4x4 pooled + every other saved tensor compressed"),
+        # Coded conv inputs: q<bits> codes the full-resolution input, p<b>q<bits> pools b×b first, full_* adds
+        # the whole-set compression of full2/full4. Bytes per conv-input element (fp32 native 4 B, group
+        # (lo, scale) pairs aside): q8 1, q4 0.5, q2 0.25, p2q8 0.25 (= pool4), p2q4 0.125.
+        CompressionConfig("q8", conv_bits=8, description="conv inputs as 8-bit stochastic codes"),
+        CompressionConfig("q4", conv_bits=4, description="conv inputs as 4-bit stochastic codes (2 per byte)"),
+        CompressionConfig("q2", conv_bits=2, description="conv inputs as 2-bit stochastic codes (4 per byte)"),
+        CompressionConfig("p2q8", block=2, conv_bits=8,
+                          description="conv inputs 2x2 average-pooled, then 8-bit stochastic codes (pool4's bytes)"),
+        CompressionConfig("p2q4", block=2, conv_bits=4,
+                          description="conv inputs 2x2 average-pooled, then 4-bit stochastic codes"),
+        CompressionConfig("full_q8", conv_bits=8, **_FULL, description="q8 + every other saved tensor compressed"),
+        CompressionConfig("full_q4", conv_bits=4, **_FULL, description="q4 + every other saved tensor compressed"),
+        CompressionConfig("full_q2", conv_bits=2, **_FULL, description="q2 + every other saved tensor compressed"),
+        CompressionConfig("full_p2q8", block=2, conv_bits=8, **_FULL,
+                          description="p2q8 + every other saved tensor compressed"),
         CompressionConfig("ckpt", peer="ckpt", description="peer: gradient checkpointing (timm set_grad_checkpointing)"),
         CompressionConfig("int8", peer="int8", description="peer: every saved float tensor as per-group uint8 (ActNN/GACT-style)"),
         CompressionConfig("offload", peer="offload", description="peer: saved tensors offloaded to host memory (save_on_cpu)"),

@@ -55,6 +55,7 @@ class ModuleSpec:
     kind: str
     cfg: CompressionConfig
     block: int = 1
+    bits: int | None = None  # conv input coded at this many bits (actcomp.ops.code); None: uncoded
 
 
 def _block_for(name: str, cfg: CompressionConfig) -> int:
@@ -66,15 +67,24 @@ def _block_for(name: str, cfg: CompressionConfig) -> int:
     return cfg.block
 
 
+def _bits_for(name: str, cfg: CompressionConfig) -> int | None:
+    if isinstance(cfg.conv_bits, Mapping):
+        for pat, b in cfg.conv_bits.items():
+            if fnmatch.fnmatchcase(name, pat):
+                return b
+        return None
+    return cfg.conv_bits
+
+
 def _selected(name: str, cfg: CompressionConfig) -> bool:
     if cfg.include and not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
         return False
     return not any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude)
 
 
-def _wants(spec_kind: str, block: int, cfg: CompressionConfig) -> bool:
+def _wants(spec_kind: str, block: int, cfg: CompressionConfig, bits: int | None = None) -> bool:
     if spec_kind == "conv":
-        return block > 1 or cfg.copy_b1
+        return block > 1 or cfg.copy_b1 or bits is not None
     if spec_kind == "act":
         return cfg.relu != "none" or cfg.act != "none"
     if spec_kind == "se":
@@ -90,8 +100,9 @@ def plan(model: nn.Module, cfg: CompressionConfig) -> list[tuple[str, nn.Module,
         if kind is None or not _selected(name, cfg):
             continue
         block = _block_for(name, cfg) if kind == "conv" else 1
-        if _wants(kind, block, cfg):
-            out.append((name, m, ModuleSpec(name, kind, cfg, block)))
+        bits = _bits_for(name, cfg) if kind == "conv" else None
+        if _wants(kind, block, cfg, bits):
+            out.append((name, m, ModuleSpec(name, kind, cfg, block, bits)))
     return out
 
 
@@ -102,7 +113,7 @@ _RECORDER: list | None = None  # set by summary(): rows describing each compress
 
 def _record(spec: ModuleSpec, op: str, shape, before: int, after: int, note: str = ""):
     if _RECORDER is not None:
-        _RECORDER.append(dict(layer=spec.name, op=op, input_shape=tuple(shape), block=spec.block,
+        _RECORDER.append(dict(layer=spec.name, op=op, input_shape=tuple(shape), block=spec.block, bits=spec.bits,
                               saved_bytes_native=before, saved_bytes_compressed=after, note=note))
 
 
@@ -124,6 +135,11 @@ def _conv(spec, args, kwargs):
     if x.dim() != 4 or (blk > 1 and (x.shape[-2] < blk or x.shape[-1] < blk)):
         _record(spec, "conv2d", x.shape, _nbytes(x), _nbytes(x), "skipped: input smaller than block")
         return F.conv2d(x, w, b, stride, padding, dilation, groups)
+    if spec.bits is not None:
+        pooled = x.shape if blk == 1 else (*x.shape[:2], -(-x.shape[2] // blk), -(-x.shape[3] // blk))
+        _record(spec, "conv2d", x.shape, _nbytes(x), ops.coded_nbytes(pooled, spec.bits))
+        return ops.CodedConv2d.apply(x, w, b, stride, padding, dilation, groups, blk, cfg.conv_pool, spec.bits,
+                                     spec.name)
     after = ops.pooled_nbytes(x.shape, blk, x.element_size())
     _record(spec, "conv2d", x.shape, _nbytes(x), after)
     return ops.PooledConv2d.apply(x, w, b, stride, padding, dilation, groups, blk, cfg.conv_pool,
@@ -333,7 +349,8 @@ def config_of(model: nn.Module) -> CompressionConfig | None:
 
 
 def summary(model: nn.Module, example_input: torch.Tensor):
-    """One training-mode forward; a row per compressed call: layer, op, input shape, b, saved bytes before/after.
+    """One training-mode forward; a row per compressed call: layer, op, input shape, b, code bits (None: uncoded),
+    saved bytes before/after.
 
     Runs on any device, ``meta`` included (no real compute there). Returns a pandas DataFrame.
     """
@@ -349,5 +366,5 @@ def summary(model: nn.Module, example_input: torch.Tensor):
     finally:
         _RECORDER = None
         model.train(was_training)
-    return pd.DataFrame(rows, columns=["layer", "op", "input_shape", "block", "saved_bytes_native",
+    return pd.DataFrame(rows, columns=["layer", "op", "input_shape", "block", "bits", "saved_bytes_native",
                                        "saved_bytes_compressed", "note"])
