@@ -1,6 +1,7 @@
 """Closed-form backward of the int8-coded norms and smooth activations (actcomp/ops/norm.py, act.py).
 
-Each converted op must give the gradients autograd of the native op gives at the decoded input x̃ — to fp32
+Each converted op must give the gradients autograd of the native op gives at the decoded input x̃ (BatchNorm in
+training mode: with the exact batch statistics of x, which its forward returns and the op keeps) — to fp32
 rounding for the norms (their statistics are reduced in a different order), bitwise for the activations (the same
 native derivative kernels) — with the forward output bitwise native and no forward op re-run in backward.
 """
@@ -87,6 +88,18 @@ def test_functional_call_forms_take_the_closed_form(fn):
     assert torch.equal(xi.grad, native[1])
 
 
+def _bn_reference(m, x, dy):
+    """BatchNorm in training mode: the native backward kernel at x̃ with the batch statistics of x itself (the
+    forward's, which the op keeps: 2 floats per channel)."""
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x, dims, correction=0)
+    w = m.weight.detach() if m.weight is not None else None
+    mask = [True, m.weight is not None, m.bias is not None]
+    dx, dw, db = torch.ops.aten.native_batch_norm_backward(dy, _decoded(x), w, None, None, mean,
+                                                           (var + m.eps).rsqrt(), True, m.eps, mask)
+    return dx, ({"weight": dw, "bias": db} if m.weight is not None else {})
+
+
 def _ln2d_reference(m, x, dy):
     """timm LayerNorm2d normalizes the NHWC permute: the code is taken of that tensor."""
     xp = _decoded(x.permute(0, 2, 3, 1)).detach().requires_grad_(True)
@@ -130,6 +143,8 @@ def test_norm_gradient_is_native_autograd_at_decoded_input(make, shape, cl):
         assert torch.equal(m1.state_dict()[k], m0.state_dict()[k]), k
     if isinstance(base, timm.layers.LayerNorm2d):
         g_ref, p_ref = _ln2d_reference(base, x, dy)
+    elif isinstance(base, nn.modules.batchnorm._BatchNorm):
+        g_ref, p_ref = _bn_reference(base, x, dy)
     else:
         _, g_ref, p_ref = _run(copy.deepcopy(base), _decoded(x), dy)
     assert _rel(g1, g_ref) < 1e-5

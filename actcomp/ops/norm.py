@@ -4,13 +4,16 @@ Forward: the original call (``F.batch_norm``/``F.layer_norm``/``F.group_norm`` w
 the output is exact and BatchNorm's running statistics are updated exactly once, here. Saved: the uint8 code of the
 input (:func:`quant.quantize_uint8`) and the affine parameters — the same bytes as before.
 
-Backward: decode x̃, take its statistics (mean and 1/sqrt(var + eps) over the op's reduction dims, in fp32 as the
-native kernels do) and call the native backward kernel (``native_batch_norm_backward``, ...), which evaluates the
+Backward: decode x̃, take the statistics (mean and 1/sqrt(var + eps) over the op's reduction dims, in fp32 as the
+native kernels do) — BatchNorm in training mode: those of x itself, which its forward kernel returns anyway and the
+op keeps (2 floats per channel; a strided var_mean of x̃ cost more than the whole BN); LayerNorm/GroupNorm: those of
+x̃ — and call the native backward kernel (``native_batch_norm_backward``, ...), which evaluates the
 standard closed form dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)), dγ = Σ dy·x̂, dβ = Σ dy. No forward of the op is
 re-run and no autograd graph is built. The gradients are those of the op at x̃ (the contract of the recompute this
-replaces). Why x̃'s statistics and a code of x (``python -m benchmarks.norm_variants`` measures the options):
-the exact forward statistics come out only marginally closer (BatchNorm input gradient rel. L2 0.015% instead of
-0.020%, weight gradient the same) but would cost 8 bytes per normalized row for LayerNorm/GroupNorm; a code of
+replaces, with BatchNorm's exact statistics). Why a code of x, and x̃'s statistics for LayerNorm/GroupNorm
+(``python -m benchmarks.norm_variants`` measures the options): the exact forward statistics come out only marginally
+closer (BatchNorm input gradient rel. L2 0.015% instead of 0.020%, weight gradient the same) but would cost 8 bytes
+per normalized row for LayerNorm/GroupNorm (BatchNorm: per channel, nothing); a code of
 x̂ = (x − mean)·rstd is the same code as that of x wherever a code group lies inside one normalized row (always for
 BatchNorm and GroupNorm on maps of >= 64 pixels, LayerNorm over >= 64 features) and needs rstd per row besides.
 Where a code group spans rows — LayerNorm over < 64 features, timm's LayerNorm2d (an NHWC image row of
@@ -34,11 +37,13 @@ def _rstd(var: torch.Tensor, eps: float) -> torch.Tensor:
     return (var + eps).rsqrt()
 
 
-def _bn_backward(dy, x, w, rm, rv, training, eps, mask):
+def _bn_backward(dy, x, w, rm, rv, training, eps, mask, stats):
     if training:
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x.float(), dims, correction=0)
-        return _aten.native_batch_norm_backward(dy, x, w, None, None, mean, _rstd(var, eps), True, eps, mask)
+        if stats is None:  # no forward statistics (a backend that does not return them): those of x̃
+            dims = [0, *range(2, x.dim())]
+            var, mean = torch.var_mean(x.float(), dims, correction=0)
+            stats = mean, _rstd(var, eps)
+        return _aten.native_batch_norm_backward(dy, x, w, None, None, *stats, True, eps, mask)
     return _aten.native_batch_norm_backward(dy, x, w, rm, rv, None, None, False, eps, mask)
 
 
@@ -61,21 +66,28 @@ class ClosedFormNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, args, stochastic, name, x, w, b):
+        stats = ()
         if op == "batch_norm":
             rm, rv, training, momentum, eps = args
-            y = torch.nn.functional.batch_norm(x, rm, rv, w, b, training, momentum, eps)
+            # The op F.batch_norm dispatches to (same output, same running-statistics update), which also returns
+            # the batch mean and 1/sqrt(var + eps) its own backward would use: kept (2 floats per channel), the
+            # backward needs no reduction over the decoded input (a strided var_mean cost more than the BN).
+            y, mean, rstd, _, _ = _aten._batch_norm_impl_index(x, w, b, rm, rv, training, momentum, eps,
+                                                               torch.backends.cudnn.enabled)
+            if training and mean.numel() == x.shape[1] and rstd.numel() == x.shape[1]:
+                stats = (mean, rstd)
         elif op == "layer_norm":
             y = torch.nn.functional.layer_norm(x, args[0], w, b, args[1])
         else:
             y = torch.nn.functional.group_norm(x, args[0], w, b, args[1])
         q, lo, scale = quantize_uint8(x, stochastic)
         ctx.op, ctx.args, ctx.dtype, ctx.kind, ctx.actcomp_name = op, args, x.dtype, "norm input", name
-        ctx.save_for_backward(q, lo, scale, w, b)
+        ctx.save_for_backward(q, lo, scale, w, b, *stats)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        q, lo, scale, w, b = ctx.saved_tensors
+        q, lo, scale, w, b, *stats = ctx.saved_tensors
         need = ctx.needs_input_grad[4:]
         mask = [need[0], need[1] and w is not None, need[2] and b is not None]
         if not any(mask):
@@ -85,7 +97,7 @@ class ClosedFormNorm(torch.autograd.Function):
         dy = dy.to(x.dtype)
         if ctx.op == "batch_norm":
             rm, rv, training, _, eps = ctx.args
-            dx, dw, db = _bn_backward(dy, x, w, rm, rv, training, eps, mask)
+            dx, dw, db = _bn_backward(dy, x, w, rm, rv, training, eps, mask, tuple(stats) or None)
         elif ctx.op == "layer_norm":
             dx, dw, db = _ln_backward(dy, x, list(ctx.args[0]), w, b, ctx.args[1], mask)
         else:
