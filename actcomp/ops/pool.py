@@ -21,7 +21,7 @@ class CompactMaxPool2d(torch.autograd.Function):
         off = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
         # Per chunk of (n, c) planes: the int64 index arithmetic at full size used to set the forward peak
         # (ResNet stem: five int64 temporaries the size of the pooled output).
-        idx_r, off_r = idx.view(-1, *idx.shape[-2:]), off.view(-1, *off.shape[-2:])
+        idx_r, off_r = idx.reshape(-1, *idx.shape[-2:]), off.view(-1, *off.shape[-2:])  # reshape: channels_last
         step = chunk_rows((idx_r.shape[0], idx_r.shape[1] * idx_r.shape[2]), idx.device)
         width = x.shape[-1]
         for i in range(0, idx_r.shape[0], step):
