@@ -28,9 +28,44 @@ def test_chunked_quantize_bitwise_equals_plain_expression(monkeypatch, dtype, sh
     q, lo, scale = quantize_uint8(x, stochastic)
     torch.manual_seed(3)
     q0, lo0, scale0 = _reference(monkeypatch, quantize_uint8, x, stochastic)
-    assert torch.equal(q, q0) and torch.equal(lo, lo0) and torch.equal(scale, scale0)
+    assert _same(q, q0) and torch.equal(lo, lo0) and torch.equal(scale, scale0)
     x_hat = dequantize_uint8(q, lo, scale, dtype)
-    assert x_hat.dtype == dtype and torch.equal(x_hat, _reference(monkeypatch, dequantize_uint8, q, lo, scale, dtype))
+    assert x_hat.dtype == dtype and _same(x_hat, _reference(monkeypatch, dequantize_uint8, q, lo, scale, dtype))
+
+
+def _same(a, b):
+    # Strides too: kernels downstream may pick their summation order by layout (a (N, C, 1, 1) map is both
+    # contiguous and channels_last), and eager must give compile's bits (tests/test_compile.py).
+    return torch.equal(a, b) and a.stride() == b.stride()
+
+
+def _layout(x, kind):
+    if kind == "channels_last":
+        return x.to(memory_format=torch.channels_last)
+    wide = torch.cat([x, x], dim=1)  # a channel slice: strided, not dense
+    if kind == "channels_last_slice":
+        wide = wide.to(memory_format=torch.channels_last)
+    return wide[:, : x.shape[1]]
+
+
+@pytest.mark.parametrize("kind", ["channels_last", "slice", "channels_last_slice"])
+@pytest.mark.parametrize("shape", [(4, 6, 9, 9), (3, 7, 5, 5), (5, 16, 1, 1), (1, 16, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_chunked_quantize_strided_inputs_give_the_plain_codes_and_strides(monkeypatch, kind, shape, dtype,
+                                                                          stochastic):
+    # Per-channel groups of a channels_last or 1x1 map are a transposed (column-major) view of x: the chunked
+    # path walks them in memory order, and its outputs must have the plain expression's strides.
+    monkeypatch.setitem(quant.CHUNK_ELEMENTS, "cpu", 20)
+    x = _layout((torch.randn(shape) * 3 + 1).to(dtype), kind)
+    torch.manual_seed(5)
+    q, lo, scale = quantize_uint8(x, stochastic)
+    torch.manual_seed(5)
+    q0, lo0, scale0 = _reference(monkeypatch, quantize_uint8, x, stochastic)
+    assert _same(q, q0) and torch.equal(lo, lo0) and torch.equal(scale, scale0)
+    for codes in (q, _layout(q, kind)):  # also codes in another layout than quantize gives
+        x_hat = dequantize_uint8(codes, lo, scale, dtype)
+        assert _same(x_hat, _reference(monkeypatch, dequantize_uint8, codes, lo, scale, dtype))
 
 
 def test_quantize_non_contiguous_input_and_error_bound():

@@ -119,6 +119,32 @@ def chunk_rows(shape, device: torch.device) -> int:
     return max(1, min(shape[0], limit // max(1, shape[1])))
 
 
+def _column_major(t: torch.Tensor) -> bool:
+    return t.shape[0] > 1 and t.shape[1] > 1 and t.stride(0) < t.stride(1)
+
+
+def _elementwise_out(r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (rows, columns) tensor with the strides an elementwise op on ``r`` gives its result: r's memory
+    order, made dense (as TensorIterator lays it out).
+
+    The eager chunked path must give the plain formulation's strides, not just its values: later kernels may
+    choose their algorithm, and so their summation order, by layout (an (N, C, 1, 1) map reads as contiguous
+    and as channels_last), so other strides would mean other gradient bits than under torch.compile.
+    """
+    if _column_major(r):  # per-channel rows of a channels_last map or of 1x1 maps: a transposed view
+        return torch.empty(r.shape[::-1], dtype=dtype, device=r.device).t()
+    return torch.empty(r.shape, dtype=dtype, device=r.device)
+
+
+def _memory_order(out: torch.Tensor, *ts: torch.Tensor):
+    """``out`` and the same-shaped ``ts`` as 2-D views whose rows follow out's memory: transposed when out runs
+    down its columns. Chunks of rows are then contiguous blocks of out, and the random numbers of stochastic
+    rounding, drawn chunk after chunk in memory order, are those one draw over the whole tensor gives."""
+    if _column_major(out):
+        return (out.t(), *(t.t() for t in ts))
+    return (out, *ts)
+
+
 def quantize_uint8(x: torch.Tensor, stochastic: bool = False):
     """Per-group affine uint8 code: ``x ≈ lo + q * scale`` with |error| <= scale/2 (deterministic rounding).
 
@@ -139,25 +165,24 @@ def quantize_uint8(x: torch.Tensor, stochastic: bool = False):
         v = (r.float() - lo) / scale
         v = (v + torch.rand_like(v)).floor() if stochastic else v.round()
         return _unrows(v.clamp(0, 255).to(torch.uint8), x.shape), lo, scale
-    q = torch.empty(r.shape, dtype=torch.uint8, device=r.device)
-    step = chunk_rows(r.shape, r.device)
-    buf = torch.empty((step, r.shape[1]), dtype=torch.float32, device=r.device)
-    for i in range(0, r.shape[0], step):
-        j = min(i + step, r.shape[0])
+    q = _elementwise_out(r, torch.uint8)
+    qm, rm, lom, scm = _memory_order(q, r, lo.expand(r.shape), scale.expand(r.shape))
+    step = chunk_rows(qm.shape, r.device)
+    buf = torch.empty((step, qm.shape[1]), dtype=torch.float32, device=r.device)
+    for i in range(0, qm.shape[0], step):
+        j = min(i + step, qm.shape[0])
         v = buf[: j - i]
-        # The same fp32 ops, element by element, as on the whole tensor (bitwise equal; the CPU random stream
-        # of rand over consecutive chunks equals that of one rand over the whole).
-        if r.dtype == torch.float32:
-            torch.sub(r[i:j], lo[i:j], out=v)
+        # The same fp32 ops, element by element, as on the whole tensor (bitwise equal).
+        if rm.dtype == torch.float32:
+            torch.sub(rm[i:j], lom[i:j], out=v)
         else:
-            v.copy_(r[i:j]).sub_(lo[i:j])
-        v.div_(scale[i:j])
+            v.copy_(rm[i:j]).sub_(lom[i:j])
+        v.div_(scm[i:j])
         if stochastic:
-            # Random numbers laid out like r (a transposed view for per-channel groups), as before chunking.
-            v.add_(torch.rand_like(r[i:j], dtype=torch.float32)).floor_()
+            v.add_(torch.rand_like(v)).floor_()
         else:
             v.round_()
-        q[i:j].copy_(v.clamp_(0, 255))
+        qm[i:j].copy_(v.clamp_(0, 255))
     return _unrows(q, x.shape), lo, scale
 
 
@@ -165,16 +190,17 @@ def dequantize_uint8(q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, dty
     r = _rows(q)
     if torch.compiler.is_compiling():
         return _unrows(r.float().mul_(scale).add_(lo), q.shape).to(dtype)
-    out = torch.empty(r.shape, dtype=dtype, device=r.device)
-    step = chunk_rows(r.shape, r.device)
-    buf = out if dtype == torch.float32 else torch.empty((step, r.shape[1]), dtype=torch.float32, device=r.device)
-    for i in range(0, r.shape[0], step):
-        j = min(i + step, r.shape[0])
-        v = buf[i:j] if buf is out else buf[: j - i]
+    out = torch.empty_like(r, dtype=dtype)  # the strides r.float() gives (a dense input's own)
+    om, rm, lom, scm = _memory_order(out, r, lo.expand(r.shape), scale.expand(r.shape))
+    step = chunk_rows(om.shape, r.device)
+    buf = None if dtype == torch.float32 else torch.empty((step, om.shape[1]), dtype=torch.float32, device=r.device)
+    for i in range(0, om.shape[0], step):
+        j = min(i + step, om.shape[0])
+        v = om[i:j] if buf is None else buf[: j - i]
         # Convert first: a mixed uint8 * fp32 op takes ATen's slow casting loop (~40x slower on CPU).
-        v.copy_(r[i:j]).mul_(scale[i:j]).add_(lo[i:j])
-        if buf is not out:
-            out[i:j].copy_(v)
+        v.copy_(rm[i:j]).mul_(scm[i:j]).add_(lom[i:j])
+        if buf is not None:
+            om[i:j].copy_(v)
     return _unrows(out, q.shape)
 
 
