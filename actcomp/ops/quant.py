@@ -5,11 +5,25 @@ All functions are pure tensor code, so they run unchanged on CPU, CUDA and the `
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 
 def _shifts(device: torch.device) -> torch.Tensor:
     return torch.arange(8, device=device, dtype=torch.uint8)
+
+
+# Eight 0/1 bytes read as one little-endian int64 and multiplied by this constant put byte i's bit at bit 56 + i:
+# the partial products land on distinct bits (no carries) and the unwanted ones overflow past bit 63 or stay
+# below bit 56. One multiply per 8 elements instead of a uint8 copy, 8 shifts and a sum.
+_PACK_MAGIC = 0x0102040810204080
+
+
+def _unpack_table(device: torch.device) -> torch.Tensor:
+    """(256, 8) bool: row v holds the bits of v, lowest first. Built per call (a few tiny ops): a cached
+    tensor could be a fake or meta tensor left over from a memory prediction."""
+    return ((torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1).bool()
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -18,8 +32,13 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    bits = flat.view(-1, 8).to(torch.uint8) << _shifts(flat.device)
-    return bits.sum(dim=1, dtype=torch.uint8)
+    if torch.compiler.is_compiling() or sys.byteorder != "little" or flat.dtype != torch.bool:
+        # Plain shift + sum: Inductor fuses it into one reduction kernel (no dtype bitcast in the graph).
+        bits = flat.view(-1, 8).to(torch.uint8) << _shifts(flat.device)
+        return bits.sum(dim=1, dtype=torch.uint8)
+    if flat.storage_offset() % 8:
+        flat = flat.clone()  # an int64 view needs an 8-byte aligned start
+    return ((flat.view(torch.int64) * _PACK_MAGIC) >> 56).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -27,8 +46,12 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= s
-    bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
-    return bits.reshape(-1)[:n].view(shape).bool()
+    if torch.compiler.is_compiling():
+        bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
+        return bits.reshape(-1)[:n].view(shape).bool()
+    # One gather writes the bools directly (vs shift, and, bool: three full-size passes).
+    bits = _unpack_table(packed.device).index_select(0, packed.reshape(-1).int())
+    return bits.reshape(-1)[:n].view(shape)
 
 
 def packed_bits_nbytes(numel: int) -> int:
@@ -76,28 +99,109 @@ def _unrows(r: torch.Tensor, shape) -> torch.Tensor:
     return r.view(shape)
 
 
+# Eager quantize/dequantize run in row chunks of about this many elements: on CPU the fp32 temporary stays in
+# cache (the separate sub/div/round/clamp/copy passes then cost about one pass over memory), and everywhere the
+# full-size fp32 temporaries that used to set the forward peak shrink to one chunk. CUDA (and meta, its
+# stand-in for memory prediction) uses big chunks: each op there is a kernel launch.
+CHUNK_ELEMENTS = {"cpu": 1 << 19}
+DEVICE_CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_rows(shape, device: torch.device) -> int:
+    """Rows per chunk for a (rows, columns) pass over a tensor on ``device`` (at least one row).
+
+    All rows when compiling: there Inductor fuses the pass into one loop, and a Python loop would only be
+    unrolled into the graph.
+    """
+    if torch.compiler.is_compiling():
+        return max(1, shape[0])
+    limit = CHUNK_ELEMENTS.get(device.type, DEVICE_CHUNK_ELEMENTS)
+    return max(1, min(shape[0], limit // max(1, shape[1])))
+
+
+def _column_major(t: torch.Tensor) -> bool:
+    return t.shape[0] > 1 and t.shape[1] > 1 and t.stride(0) < t.stride(1)
+
+
+def _elementwise_out(r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (rows, columns) tensor with the strides an elementwise op on ``r`` gives its result: r's memory
+    order, made dense (as TensorIterator lays it out).
+
+    The eager chunked path must give the plain formulation's strides, not just its values: later kernels may
+    choose their algorithm, and so their summation order, by layout (an (N, C, 1, 1) map reads as contiguous
+    and as channels_last), so other strides would mean other gradient bits than under torch.compile.
+    """
+    if _column_major(r):  # per-channel rows of a channels_last map or of 1x1 maps: a transposed view
+        return torch.empty(r.shape[::-1], dtype=dtype, device=r.device).t()
+    return torch.empty(r.shape, dtype=dtype, device=r.device)
+
+
+def _memory_order(out: torch.Tensor, *ts: torch.Tensor):
+    """``out`` and the same-shaped ``ts`` as 2-D views whose rows follow out's memory: transposed when out runs
+    down its columns. Chunks of rows are then contiguous blocks of out, and the random numbers of stochastic
+    rounding, drawn chunk after chunk in memory order, are those one draw over the whole tensor gives."""
+    if _column_major(out):
+        return (out.t(), *(t.t() for t in ts))
+    return (out, *ts)
+
+
 def quantize_uint8(x: torch.Tensor, stochastic: bool = False):
     """Per-group affine uint8 code: ``x ≈ lo + q * scale`` with |error| <= scale/2 (deterministic rounding).
 
     Returns ``(q, lo, scale)``; q has x's shape, lo/scale are fp32 with one value per group.
     Stochastic rounding makes the code unbiased (E[x̂] = x) at up to one step of error.
     """
-    r = _rows(x.detach()).float()
-    lo = r.amin(dim=1, keepdim=True)
-    hi = r.amax(dim=1, keepdim=True)
-    scale = ((hi - lo) / 255.0).clamp_min(1e-12)
-    v = (r - lo).div_(scale)  # in place after the one unavoidable temporary: keeps the forward peak down
-    if stochastic:
-        v = (v + torch.rand_like(v)).floor_()
+    r = _rows(x.detach())
+    # min/max commute with the (monotonic) cast to fp32, so they are taken in x's dtype. aminmax reads x once
+    # on CUDA; its CPU kernel is ~4x slower than amin + amax (torch 2.14).
+    if r.device.type == "cuda":
+        lo, hi = torch.aminmax(r, dim=1, keepdim=True)
     else:
-        v = v.round_()
-    q = _unrows(v.clamp_(0, 255).to(torch.uint8), x.shape)
-    return q, lo, scale
+        lo, hi = r.amin(dim=1, keepdim=True), r.amax(dim=1, keepdim=True)
+    lo, hi = lo.float(), hi.float()
+    scale = ((hi - lo) / 255.0).clamp_min(1e-12)
+    if torch.compiler.is_compiling():
+        # One expression: Inductor fuses it into a single loop/kernel with no full-size temporary.
+        v = (r.float() - lo) / scale
+        v = (v + torch.rand_like(v)).floor() if stochastic else v.round()
+        return _unrows(v.clamp(0, 255).to(torch.uint8), x.shape), lo, scale
+    q = _elementwise_out(r, torch.uint8)
+    qm, rm, lom, scm = _memory_order(q, r, lo.expand(r.shape), scale.expand(r.shape))
+    step = chunk_rows(qm.shape, r.device)
+    buf = torch.empty((step, qm.shape[1]), dtype=torch.float32, device=r.device)
+    for i in range(0, qm.shape[0], step):
+        j = min(i + step, qm.shape[0])
+        v = buf[: j - i]
+        # The same fp32 ops, element by element, as on the whole tensor (bitwise equal).
+        if rm.dtype == torch.float32:
+            torch.sub(rm[i:j], lom[i:j], out=v)
+        else:
+            v.copy_(rm[i:j]).sub_(lom[i:j])
+        v.div_(scm[i:j])
+        if stochastic:
+            v.add_(torch.rand_like(v)).floor_()
+        else:
+            v.round_()
+        qm[i:j].copy_(v.clamp_(0, 255))
+    return _unrows(q, x.shape), lo, scale
 
 
 def dequantize_uint8(q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    r = _rows(q).float().mul_(scale).add_(lo)
-    return _unrows(r, q.shape).to(dtype)
+    r = _rows(q)
+    if torch.compiler.is_compiling():
+        return _unrows(r.float().mul_(scale).add_(lo), q.shape).to(dtype)
+    out = torch.empty_like(r, dtype=dtype)  # the strides r.float() gives (a dense input's own)
+    om, rm, lom, scm = _memory_order(out, r, lo.expand(r.shape), scale.expand(r.shape))
+    step = chunk_rows(om.shape, r.device)
+    buf = None if dtype == torch.float32 else torch.empty((step, om.shape[1]), dtype=torch.float32, device=r.device)
+    for i in range(0, om.shape[0], step):
+        j = min(i + step, om.shape[0])
+        v = om[i:j] if buf is None else buf[: j - i]
+        # Convert first: a mixed uint8 * fp32 op takes ATen's slow casting loop (~40x slower on CPU).
+        v.copy_(rm[i:j]).mul_(scm[i:j]).add_(lom[i:j])
+        if buf is not None:
+            om[i:j].copy_(v)
+    return _unrows(out, q.shape)
 
 
 def quantized_nbytes(shape) -> int:
