@@ -65,7 +65,9 @@ def fig8_speed(R: Results, plt):
         lo, hi = g["ratio_q25"].to_numpy(float), g["ratio_q75"].to_numpy(float)
         has = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(v)
         if has.any():
-            ax.errorbar(xs[has], v[has], yerr=[v[has] - lo[has], hi[has] - v[has]], fmt="none", ecolor="black",
+            # clipped at 0: a CSV edited by hand (or rounded) may put the median a hair outside its quartiles
+            yerr = np.maximum(0, [v[has] - lo[has], hi[has] - v[has]])
+            ax.errorbar(xs[has], v[has], yerr=yerr, fmt="none", ecolor="black",
                         elinewidth=0.8, capsize=1.5)
         for b, y, top in zip(bars, v, np.where(has, hi, v)):
             if np.isfinite(y):
