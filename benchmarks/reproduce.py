@@ -135,6 +135,8 @@ def plan(o: dict) -> list[Stage]:
 
     # 6. step time (figure 8)
     S.append(sweep("speed", "step-time ratio to native on CPU (fig. 8)", "speed", "speed_cpu"))
+    S.append(sweep("speed_compiled", "step-time ratio to native, both under torch.compile, CPU (fig. 8)", "speed",
+                   "speed_compiled"))
 
     # 7. whole-set targets: predicted peaks of 5 models x 9 presets at batch 256, step time of every preset (fig. 8),
     # per-layer gradient cosine on one real batch (fig. 7)

@@ -39,7 +39,8 @@ COLUMNS: dict[str, str] = {
     **{c: KEY for c in (
         "model", "preset", "model.name", "compression.name", "batch_size", "img_size", "image_size", "device.name",
         "amp", "channels_last", "optimizer", "model.num_classes", "model.in_chans", "dtype", "saved_by_op",
-        "budgets_gib", "max_batch", "verify_cuda", "warmup", "iters", "compile", "app", "sweep", "layer", "op_index",
+        "budgets_gib", "max_batch", "verify_cuda", "warmup", "iters", "compile", "blocks", "max_blocks", "target_iqr",
+        "app", "sweep", "layer", "op_index",
         "model_kwargs", "data", "seed", "n_train", "n_val", "optim", "target_kind", "baseline")},
     # predicted memory (meta) and saved bytes, and what is computed from them
     **{c: "memory" for c in (
@@ -57,11 +58,12 @@ COLUMNS: dict[str, str] = {
         "elapsed_s", "median_step_s", "min_step_s", "max_step_s", "images_per_s", "none_median_step_s",
         "none_images_per_s", "median_s", "min_s", "max_s", "epoch_time_s", "eval_time_s", "cpu_time_s",
         "cpu_elapsed_s", "total_time_s", "time_s", "baseline_time_s", "time_ratio", "baseline_cpu_time_s",
-        "cpu_time_ratio", "total_cpu_time_s", "mean_images_per_s")},
+        "cpu_time_ratio", "total_cpu_time_s", "mean_images_per_s", "ratio_q25", "ratio_q75", "load_start",
+        "load_end")},
     **{c: "provenance" for c in ("git_sha", "torch_version", "timm_version", "python_version", "device_name",
                                  "date", "torch", "timm", "python")},
     **{c: "info" for c in ("point", "run_id", "message", "saved_note", "reached", "baseline_reached",
-                           "epochs_ratio", "fit_note")},
+                           "epochs_ratio", "fit_note", "blocks_run")},
     "lower_bound_*gib": "exact",  # fit: the answer reached max_batch (a lower bound)
 }
 # (CSV path pattern relative to the results root, {column: kind}) for names that mean different things
@@ -83,6 +85,9 @@ OVERRIDES: list[tuple[str, dict[str, str]]] = [
     ("train/*/summary.csv", {"epoch": "epochs_to_target", "baseline_epoch": "epochs_to_target",
                              "target": "top1_final"}),
 ]
+# A compared column -> the committed columns of its spread (25th, 75th percentile over repeated blocks): where a
+# row has them and the kind sets spread_abs/spread_iqr, the band is [q25, q75] widened (spread_band)
+SPREAD_OF = {"ratio_to_none": ("ratio_q25", "ratio_q75")}
 # CSVs whose rows repeat a key by design and are matched in file order: one row per fixed target (85, 88, 90)
 IN_ORDER = ("train/*/summary.csv",)
 # CSV path pattern -> the reproduce stage that writes it (first match wins)
@@ -91,7 +96,7 @@ STAGE_OF: list[tuple[str, str]] = [
     ("memory/memory_models.csv", "memory_models"), ("memory/gpu_memory.csv", "gpu_memory"),
     ("fit/fit_models.csv", "fit"), ("fit/fit_models_cuda.csv", "gpu_fit"),
     ("memory/whole_set_peak.csv", "whole_set_peak"), ("speed/whole_set_speed.csv", "whole_set_speed"),
-    ("speed/*.csv", "speed"), ("exactness/grad_cosine.csv", "grad_cosine"), ("timeline/*.csv", "timeline"),
+    ("speed/speed_compiled.csv", "speed_compiled"), ("speed/*.csv", "speed"), ("exactness/grad_cosine.csv", "grad_cosine"), ("timeline/*.csv", "timeline"),
     ("exactness/*.csv", "exactness"),
     *((f"train/{e}/*.csv", e) for e in ("paper_imagenet_resnet18", "paper_imagenet_resnet34", "paper_imagenet_resnet50")),
     ("train/frontier/frontier_resnet18*/*.csv", "frontier_resnet18"),
@@ -125,7 +130,18 @@ def tolerance_text(t: dict) -> str:
         return "exact"
     unit = f" {t['unit']}" if t.get("unit") else ""
     parts = ([f"±{t['abs']:g}{unit}"] if t.get("abs") else []) + ([f"±{100 * t['rel']:g}%"] if t.get("rel") else [])
-    return " + ".join(parts) or "exact"
+    fixed = " + ".join(parts) or "exact"
+    if "spread_abs" in t or "spread_iqr" in t:
+        return (f"[q25, q75] ± max({t.get('spread_abs', 0):g}, {t.get('spread_iqr', 0):g}×IQR); "
+                f"without q25/q75: {fixed}")
+    return fixed
+
+
+def spread_band(t: dict, q25: float, q75: float) -> tuple[float, float]:
+    """The committed interquartile range [q25, q75] of a repeated measurement, widened on both sides by
+    max(spread_abs, spread_iqr × IQR): a re-run agrees when its value lies inside."""
+    m = max(float(t.get("spread_abs", 0) or 0), float(t.get("spread_iqr", 0) or 0) * (q75 - q25))
+    return q25 - m, q75 + m
 
 
 def kind_of(rel: str, col: str) -> str | None:
@@ -169,8 +185,11 @@ def _num(s: str) -> float | None:
         return None
 
 
-def compare_value(kind: str, t: dict, a: str, b: str, nan_as: float | None = None) -> tuple[str, float | None]:
-    """(verdict, |difference|) of committed ``a`` vs re-run ``b``: equal, within, beyond or reported."""
+def compare_value(kind: str, t: dict, a: str, b: str, nan_as: float | None = None,
+                  band: tuple[float, float] | None = None) -> tuple[str, float | None]:
+    """(verdict, |difference|) of committed ``a`` vs re-run ``b``: equal, within, beyond or reported.
+
+    ``band``: the committed spread's band (:func:`spread_band`), used instead of abs/rel when given."""
     if t.get("report"):
         return ("equal" if a == b else "reported"), None
     if a == b:
@@ -189,8 +208,21 @@ def compare_value(kind: str, t: dict, a: str, b: str, nan_as: float | None = Non
         return "equal", 0.0
     if t.get("exact"):
         return "beyond", d
+    if band is not None:
+        return ("within" if band[0] - 1e-12 <= y <= band[1] + 1e-12 else "beyond"), d
     bound = float(t.get("abs", 0) or 0) + float(t.get("rel", 0) or 0) * abs(x)
     return ("within" if d <= bound + 1e-12 * max(1.0, abs(x)) else "beyond"), d
+
+
+def _band(t: dict, row: dict, col: str) -> tuple[float, float] | None:
+    """The spread band of ``col`` from the committed row's quartile columns (None: no spread recorded, or the
+    kind sets no spread margin; the fixed band applies)."""
+    if col not in SPREAD_OF or not ("spread_abs" in t or "spread_iqr" in t):
+        return None
+    q = [_num(str(row.get(c, ""))) for c in SPREAD_OF[col]]
+    if any(v is None or math.isnan(v) for v in q):
+        return None
+    return spread_band(t, *q)
 
 
 @dataclass
@@ -274,6 +306,7 @@ def compare_csv(rel: str, committed: Path | None, rerun: Path | None, tol: dict[
             kind = kinds[c]
             t = tol.get(kind, {"report": True})
             va = ra[c]
+            band = None
             if c not in b.columns:
                 verdict, d, vb = ("reported" if t.get("report") else "beyond"), None, "(no column)"
             else:
@@ -282,13 +315,14 @@ def compare_csv(rel: str, committed: Path | None, rerun: Path | None, tol: dict[
                 if kind == "epochs_to_target" and epochs_col:
                     e = _num(ra[epochs_col])
                     nan_as = e + 1 if e is not None and not math.isnan(e) else None
-                verdict, d = compare_value(kind, t, va, vb, nan_as)
+                band = _band(t, ra, c)
+                verdict, d = compare_value(kind, t, va, vb, nan_as, band)
             if kind == "provenance" and va != vb:
                 fr.provenance.setdefault(c, (va, vb))
             worst = max(worst, verdict, key=_RANK.get)
+            ttxt = tolerance_text(t) if band is None else f"[{band[0]:.3g}, {band[1]:.3g}] (committed spread)"
             fr.cells.append(dict(stage=fr.stage, file=rel, key=keytxt, column=c, kind=kind, committed=va, rerun=vb,
-                                 difference="" if d is None else f"{d:.6g}", tolerance=tolerance_text(t),
-                                 verdict=verdict))
+                                 difference="" if d is None else f"{d:.6g}", tolerance=ttxt, verdict=verdict))
         setattr(fr, worst, getattr(fr, worst) + 1)
     for k in kb:
         if k not in ka:

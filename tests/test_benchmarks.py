@@ -181,6 +181,9 @@ def test_speed_and_fit_apps(tmp_path, monkeypatch):
     s = pd.read_csv(tmp_path / "results" / "speed" / "t.csv").iloc[0]
     assert s.status == "ok" and s.median_step_s > 0 and s.ratio_to_none > 0 and s.none_median_step_s > 0
     assert s.images_per_s == pytest.approx(2 / s.median_step_s)
+    # 3 blocks by default: the median ratio lies within its interquartile range; the load is recorded
+    assert s.blocks == s.blocks_run == 3 and s.ratio_q25 <= s.ratio_to_none <= s.ratio_q75
+    assert s.load_start >= 0 and s.load_end >= 0
     # 64 px: at 32 px the last feature map is 1x1 and BatchNorm cannot train on batch 1 (the search starts at 1)
     assert run_app("fit", ["model=test_resnet", "compression=pool2", "budgets_gib=[0.01,0.05]", "img_size=64", *TINY],
                    tmp_path, monkeypatch) == 0
@@ -231,6 +234,12 @@ BAD = [
     ("memory", ["model=test_resnet", "force=maybe"], "force='maybe': use true or false"),
     ("memory", ["model=test_resnet", "channels_last=maybe"], "channels_last='maybe': use true or false"),
     ("speed", ["model=test_resnet", "iters=0"], "iters=0: must be an integer >= 1"),
+    ("speed", ["model=test_resnet", "blocks=0"], "blocks=0: must be an integer >= 1"),
+    ("speed", ["model=test_resnet", "blocks=2.5"], "blocks=2.5: must be an integer >= 1"),
+    ("speed", ["model=test_resnet", "max_blocks=2", "target_iqr=0.1"], "max_blocks=2: must be an integer >= 3 or null"),
+    ("speed", ["model=test_resnet", "max_blocks=5", "target_iqr=-1"], "target_iqr=-1: must be a number >= 0 or null"),
+    ("speed", ["model=test_resnet", "max_blocks=5", "target_iqr=abc"], "target_iqr='abc': must be a number"),
+    ("speed", ["model=test_resnet", "max_blocks=5"], "adaptive mode needs both"),
 ]
 
 

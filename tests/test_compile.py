@@ -149,7 +149,8 @@ def test_speed_app_passes_compile_and_keeps_older_point_keys(tmp_path, monkeypat
 
     def fake(model, presets, batch_size, **kw):
         seen.append(kw["compile"])
-        return pd.DataFrame([dict(preset=p, median_s=1.0, min_s=1.0, max_s=1.0, images_per_s=2.0, ratio_to_none=1.0)
+        return pd.DataFrame([dict(preset=p, median_s=1.0, min_s=1.0, max_s=1.0, images_per_s=2.0, ratio_to_none=1.0,
+                                  ratio_q25=1.0, ratio_q75=1.0, blocks=3, load_start=1.0, load_end=1.0)
                              for p in ["none", "pool2"]])
 
     monkeypatch.setattr(app, "compare_step_times", fake)

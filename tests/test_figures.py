@@ -215,3 +215,54 @@ def test_step_timeline_matches_step_peak():
         step_timeline("test_resnet", 0, img_size=32)
     with pytest.raises(ActcompError):
         step_timeline("not_a_model", 2)
+
+
+def _speed_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = dict(app="speed", status="ok", message="", batch_size=16, img_size=128, amp=False, channels_last=False,
+                optimizer="sgd", warmup=2, iters=5, git_sha="abc1234", device_name="cpu: x86_64 x2 threads",
+                date="2026-11-29T00:00:00Z")
+    pd.DataFrame([{**base, **r} for r in rows]).to_csv(path, index=False)
+
+
+def test_fig8_error_bars_and_compiled_bars(tmp_path):
+    """Figure 8 from an older speed CSV (one median per bar, no spread columns), then with the spread over blocks
+    (error bars from ratio_q25/q75) and compiled rows (hatched bars beside the eager ones)."""
+    from matplotlib.container import ErrorbarContainer
+
+    from benchmarks.plots.data import Results
+    from benchmarks.plots.speed import fig8_speed
+    from benchmarks.plots.style import pyplot
+
+    plt = pyplot()
+    R = tmp_path / "results"
+    old = [{"model.name": m, "compression.name": p, "ratio_to_none": r}
+           for m, p, r in [("resnet50", "pool4", 1.11), ("resnet50", "full4", 1.34), ("resnet18", "full4", 1.47)]]
+    _speed_csv(R / "speed" / "speed_cpu.csv", old)
+    fig = fig8_speed(Results(R), plt)
+    ax = fig.axes[0]
+    assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert "one median of 5 interleaved steps per bar" in ax.get_title()
+    assert sum(p.get_hatch() == "...." for p in ax.patches) == 0
+    plt.close(fig)
+
+    new = [{**r, "blocks": 3, "blocks_run": 3, "ratio_q25": r["ratio_to_none"] - 0.05,
+            "ratio_q75": r["ratio_to_none"] + 0.1, "compile": False} for r in old]
+    _speed_csv(R / "speed" / "speed_cpu.csv", new)
+    comp = [{"model.name": "resnet50", "compression.name": p, "ratio_to_none": r, "ratio_q25": r - 0.02,
+             "ratio_q75": r + 0.03, "blocks": 3, "blocks_run": 3, "compile": True}
+            for p, r in [("pool4", 1.04), ("full4", 1.09)]]
+    _speed_csv(R / "speed" / "speed_compiled.csv", comp)
+    fig = fig8_speed(Results(R), plt)
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 3  # resnet50 eager, resnet50 compiled, resnet18 eager
+    segs = [s for c in bars for s in c.lines[2][0].get_segments()]
+    spans = sorted(round(float(s[1][1] - s[0][1]), 6) for s in segs)
+    assert spans == [0.05, 0.05, 0.15, 0.15, 0.15]  # q75 - q25 of each bar
+    assert sum(p.get_hatch() == "...." for p in ax.patches) == 2  # the compiled bars
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "torch.compile (vs compiled native)" in labels and "eager" in labels
+    assert "interquartile range over blocks" in ax.get_title()
+    assert ax.get_ylim()[1] >= 1.47 + 0.1
+    plt.close(fig)

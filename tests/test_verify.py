@@ -71,6 +71,42 @@ def test_compare_value_bands():
     assert quick["top1_final"]["abs"] > tol["top1_final"]["abs"] and quick["memory"] == tol["memory"]
 
 
+def test_step_ratio_band_from_the_committed_spread(tmp_path):
+    """A step ratio with its spread over blocks agrees when the re-run lies in the committed [q25, q75] widened by
+    max(spread_abs, spread_iqr x IQR); a row without q25/q75 (recorded before blocks existed) keeps the fixed band."""
+    tol = verify.load_tolerances()
+    t = tol["step_ratio"]
+    assert (t["abs"], t["spread_abs"], t["spread_iqr"]) == (0.25, 0.1, 1.5)
+    assert verify.spread_band(t, 1.1, 1.3) == pytest.approx((0.8, 1.6))  # IQR 0.2: 1.5 x 0.2 = 0.3 > 0.1
+    assert verify.spread_band(t, 1.10, 1.12) == pytest.approx((1.0, 1.22))  # tight spread: the 0.1 floor
+    assert verify.tolerance_text(t) == "[q25, q75] ± max(0.1, 1.5×IQR); without q25/q75: ±0.25"
+    cols = ["model.name", "compression.name", "iters", "blocks", "ratio_to_none", "ratio_q25", "ratio_q75"]
+    committed = pd.DataFrame([["resnet50", "pool4", 5, 3, 1.11, 1.10, 1.12],    # band [1.00, 1.22]
+                              ["resnet50", "full4", 5, 3, 1.34, 1.20, 1.40],    # band [0.90, 1.70]
+                              ["resnet18", "full4", 5, 3, 1.47, "", ""],        # no spread: 1.47 +- 0.25
+                              ["resnet18", "pool4", 5, 3, 1.01, "", ""]], columns=cols)
+    rerun = pd.DataFrame([["resnet50", "pool4", 5, 3, 1.30, 1.28, 1.33],    # within +-0.25, beyond the band
+                          ["resnet50", "full4", 5, 3, 1.65, 1.60, 1.70],    # beyond +-0.25, within the band
+                          ["resnet18", "full4", 5, 3, 1.70, 1.6, 1.8],      # within +-0.25
+                          ["resnet18", "pool4", 5, 3, 1.30, 1.2, 1.4]], columns=cols)  # beyond +-0.25
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    committed.to_csv(a, index=False)
+    rerun.to_csv(b, index=False)
+    fr = verify.compare_csv("speed/speed_cpu.csv", a, b, tol)
+    got = {(c["key"].split(";")[0].split("=")[1], c["key"].split(";")[1].split("=")[1]): c
+           for c in fr.cells if c["column"] == "ratio_to_none"}
+    assert {k: c["verdict"] for k, c in got.items()} == {
+        ("resnet50", "pool4"): "beyond", ("resnet50", "full4"): "within",
+        ("resnet18", "full4"): "within", ("resnet18", "pool4"): "beyond"}
+    assert got[("resnet50", "pool4")]["tolerance"] == "[1, 1.22] (committed spread)"
+    assert got[("resnet18", "pool4")]["tolerance"] == verify.tolerance_text(t)
+    # the quartiles and the load are reported, never compared
+    assert {c["verdict"] for c in fr.cells if c["column"] in ("ratio_q25", "ratio_q75")} <= {"reported", "equal"}
+    assert verify.kind_of("speed/speed_compiled.csv", "load_start") == "wall"
+    assert verify.stage_of("speed/speed_compiled.csv") == "speed_compiled"
+    assert verify.kind_of("speed/speed_cpu.csv", "blocks") == verify.KEY
+
+
 def test_readme_states_the_tolerances():
     """The README's 'Verifying' table says, for every kind, what conf/verify.yaml sets (full and toy scale)."""
     text = (REPO / "README.md").read_text()

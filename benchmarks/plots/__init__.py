@@ -16,7 +16,7 @@ FIGURES: list[tuple[int, str, Callable, str]] = [
     (5, "fig5_convergence.png", fig5_convergence, "convergence (train/*/epochs.csv)"),
     (6, "fig6_time_to_accuracy.png", fig6_time_to_accuracy, "time-to-accuracy ratios (train/*/summary.csv)"),
     (7, "fig7_grad_cosine.png", fig7_cosine, "gradient cosine (train/*/grad_cosine.csv or exactness/grad_cosine.csv)"),
-    (8, "fig8_step_time.png", fig8_speed, "step-time overhead (speed/speed_cpu.csv, speed/whole_set_speed.csv)"),
+    (8, "fig8_step_time.png", fig8_speed, "step-time overhead (speed/speed_cpu.csv, speed_compiled.csv, whole_set_speed.csv)"),
     (9, "fig9_step_timeline.png", fig9_timeline, "memory over one step (timeline/*.csv)"),
     (10, "fig10_frontier.png", fig10_frontier, "memory-accuracy frontier (train/frontier/frontier.csv)"),
 ]

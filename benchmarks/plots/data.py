@@ -13,7 +13,7 @@ from actcomp.errors import one_line
 # sweep written with out_dir=results, is never drawn.
 SWEEPS = {"fig2": "memory/memory_by_op.csv", "fig3": "memory/memory_batch.csv",
           "fig3_gpu": ("gpu/**/*.csv", "memory/gpu_memory.csv"), "fig4": ("fit/fit_models.csv", "fit/fit_models_cuda.csv"),
-          "fig8": ("speed/speed_cpu.csv", "speed/whole_set_speed.csv")}
+          "fig8": ("speed/speed_cpu.csv", "speed/speed_compiled.csv", "speed/whole_set_speed.csv")}
 
 
 class Missing(Exception):

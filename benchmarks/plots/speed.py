@@ -1,8 +1,6 @@
 """Figures 8-9: step-time overhead vs native and memory over one training step."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -10,7 +8,14 @@ from .data import SWEEPS, Missing, Results, default_settings, most_common, prove
 from .style import MIB, PHASE_COLORS, footer, label, line_style, sort_presets
 
 
+def _compiled(v) -> bool:
+    return str(v).strip().lower() in ("true", "1", "1.0")
+
+
 def fig8_speed(R: Results, plt):
+    """Bars: ratio to native per preset, one colour per model/setting, eager filled and torch.compile'd hatched
+    (ratios of compiled vs compiled native); error bars: the ratio's interquartile range over the interleaved
+    blocks, where the CSV has it (older CSVs, one block, draw without)."""
     frames = []
     for p in [p for pat in SWEEPS["fig8"] for p in sorted(R.root.glob(pat))]:
         d = sweep_frame(R.read(p, ("model.name", "compression.name", "ratio_to_none")))
@@ -34,41 +39,76 @@ def fig8_speed(R: Results, plt):
             bits.append(f"{int(r['img_size'])}px")
         dev = r.get("device_name", r.get("device", ""))
         bits.append(str(dev).split(":")[0] if pd.notna(dev) else "")
-        return " ".join(b for b in bits if b) + f" [{Path(r['_source']).stem}]"
+        return " ".join(b for b in bits if b)
 
     df["series"] = [series(r) for _, r in df.iterrows()]
-    df = df.drop_duplicates(subset=["series", "preset"], keep="last")
+    df["mode"] = ["compiled" if _compiled(v) else "eager" for v in df.get("compile", pd.Series(False, df.index))]
+    for c in ("ratio_q25", "ratio_q75"):
+        df[c] = pd.to_numeric(df[c], errors="coerce") if c in df else np.nan
+    df = df.drop_duplicates(subset=["series", "mode", "preset"], keep="last")
     presets = sort_presets(df["preset"])
-    ser = list(dict.fromkeys(df["series"]))
-    fig, ax = plt.subplots(figsize=(min(14, max(8, 0.6 * len(presets) * max(1, len(ser) / 2) + 3)), 5.4))
-    w = 0.85 / len(ser)
+    ser = list(dict.fromkeys(df["series"]))  # colour: model and setting
+    bars_of = [(s, m) for s in ser for m in ("eager", "compiled") if ((df["series"] == s) & (df["mode"] == m)).any()]
+    fig, ax = plt.subplots(figsize=(min(15, max(8, 0.6 * len(presets) * max(1, len(bars_of) / 2) + 3)), 5.6))
+    w = 0.85 / len(bars_of)
     cmap = plt.get_cmap("tab10")
-    for j, s in enumerate(ser):
-        g = df[df["series"] == s].set_index("preset").reindex(presets)
-        xs = np.arange(len(presets)) + (j - (len(ser) - 1) / 2) * w
-        bars = ax.bar(xs, g["ratio_to_none"], w, color=cmap(j % 10), label=s)
-        for b, v in zip(bars, g["ratio_to_none"]):
-            if np.isfinite(v):
-                # Two digits: one median of a few steps per bar does not support a third.
-                ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom",
-                        fontsize=7 if len(ser) > 2 else 8)
-        for x, p, v in zip(xs, presets, g["ratio_to_none"]):
-            if p == "authors_b1" and np.isfinite(v):  # the authors' baseline: hatched, as elsewhere
-                ax.bar(x, v, w, color="none", edgecolor="black", hatch="///")
-    ax.axhline(1.0, color="black", lw=2, label="none (native PyTorch) = 1")
+    small = 6 if len(bars_of) > 4 else 7 if len(bars_of) > 2 else 8
+    for j, (s, mode) in enumerate(bars_of):
+        g = df[(df["series"] == s) & (df["mode"] == mode)].set_index("preset").reindex(presets)
+        xs = np.arange(len(presets)) + (j - (len(bars_of) - 1) / 2) * w
+        v = g["ratio_to_none"].to_numpy(float)
+        col = cmap(ser.index(s) % 10)
+        if mode == "eager":
+            bars = ax.bar(xs, v, w, color=col)
+        else:  # compiled: the model's colour, hatched, so eager and compiled of one model sit side by side
+            bars = ax.bar(xs, v, w, color="white", edgecolor=col, hatch="....", lw=1.0)
+        lo, hi = g["ratio_q25"].to_numpy(float), g["ratio_q75"].to_numpy(float)
+        has = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(v)
+        if has.any():
+            # clipped at 0: a CSV edited by hand (or rounded) may put the median a hair outside its quartiles
+            yerr = np.maximum(0, [v[has] - lo[has], hi[has] - v[has]])
+            ax.errorbar(xs[has], v[has], yerr=yerr, fmt="none", ecolor="black",
+                        elinewidth=0.8, capsize=1.5)
+        for b, y, top in zip(bars, v, np.where(has, hi, v)):
+            if np.isfinite(y):
+                # Two digits: the spread over blocks (and between runs) does not support a third.
+                ax.text(b.get_x() + b.get_width() / 2, top, f"{y:.1f}", ha="center", va="bottom", fontsize=small)
+        for x, p, y in zip(xs, presets, v):
+            if p == "authors_b1" and np.isfinite(y):  # the authors' baseline: hatched, as elsewhere
+                ax.bar(x, y, w, color="none", edgecolor="black", hatch="///")
+    ax.axhline(1.0, color="black", lw=2)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=cmap(i % 10), label=s) for i, s in enumerate(ser)]
+    modes = set(df["mode"])
+    if "eager" in modes:
+        handles.append(Patch(facecolor="#999999", label="eager"))
+    if "compiled" in modes:
+        handles.append(Patch(facecolor="white", edgecolor="#555555", hatch="....",
+                             label="torch.compile (vs compiled native)"))
+    handles.append(plt.Line2D([], [], color="black", lw=2, label="none (native PyTorch) = 1"))
     ax.set_xticks(range(len(presets)), presets, rotation=30, ha="right")
     for t in ax.get_xticklabels():
         if t.get_text() == "authors_b1":
             t.set_fontweight("bold")
     ax.set_ylabel("training-step time / native step time")
     iters = sorted({int(i) for i in df["iters"].dropna()}) if "iters" in df else []
-    per_bar = f"one median of {'/'.join(map(str, iters))} interleaved steps per bar" if iters else \
-        "median of interleaved steps"
-    ax.set_title(f"Step-time overhead vs native PyTorch (measured, {per_bar}, same process)",
-                 pad=8 + 14 * ((len(ser) + 2) // 3))
-    ax.set_ylim(0, np.nanmax(df["ratio_to_none"].to_numpy(float)) * 1.1)
+    bcol = "blocks_run" if "blocks_run" in df else "blocks" if "blocks" in df else None
+    blocks = sorted({int(b) for b in pd.to_numeric(df[bcol], errors="coerce").dropna()}) if bcol else []
+    steps = f"{'/'.join(map(str, iters))} interleaved steps" if iters else "interleaved steps"
+    if blocks and df["ratio_q25"].notna().any():
+        per_bar = (f"median over {'/'.join(map(str, blocks))} blocks of {steps}; error bars: interquartile range "
+                   f"over blocks")
+        if df["ratio_q25"].isna().any():
+            per_bar += " (none: one block)"
+    else:
+        per_bar = f"one median of {steps} per bar"
+    ax.set_title(f"Step-time overhead vs native PyTorch (measured, same process; {per_bar})", fontsize=10,
+                 pad=8 + 14 * ((len(handles) + 2) // 3))
+    top = np.nanmax(np.concatenate([df["ratio_to_none"].to_numpy(float), df["ratio_q75"].to_numpy(float)]))
+    ax.set_ylim(0, top * 1.12)
     # Legend above the bars (a corner would hide the labels of the first group).
-    ax.legend(fontsize=8.5, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
+    ax.legend(handles=handles, fontsize=8.5, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     footer(fig, f"{', '.join(sorted(set(df['_source'])))}; {provenance_note(df)}")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     return fig

@@ -38,11 +38,12 @@ def measured_config(cfg: DictConfig) -> dict:
 
 
 # Keys added after results were recorded: left out of the hash at their default, so older records still match.
-LATER_KEYS = {"compile": False}
+# speed's `blocks` at 1 (what records made before it measured: one block); its default 3 is a new measurement.
+LATER_KEYS = {"compile": False, "blocks": 1, "max_blocks": None, "target_iqr": None}
 
 
 def point_key(cfg: DictConfig) -> str:
-    later = tuple(k for k, v in LATER_KEYS.items() if k in cfg and cfg[k] is v)
+    later = tuple(k for k, v in LATER_KEYS.items() if k in cfg and type(cfg[k]) is type(v) and cfg[k] == v)
     return config_hash(cfg, drop=NOT_MEASURED + later)
 
 
