@@ -193,6 +193,30 @@ def test_model_steps_are_bitwise_reproducible():
     assert all(torch.equal(a, c) for a, c in zip(*grads))
 
 
+# The coded presets share one conv op over (block, bits) and the whole-set ops of full2/full4; the every-preset
+# tests across timm families (test_convert.py, test_compile.py) take these three, which cover its paths: packed
+# 2-bit at full resolution, 2x2-pooled then packed 4-bit, 8-bit with the whole set. Every coded preset runs below.
+CODED_PRESETS = [p for p, c in actcomp.PRESETS.items() if c.conv_bits is not None]
+CODED_REPRESENTATIVES = ("q2", "p2q4", "full_q8")
+
+
+@pytest.mark.parametrize("family", ["test_resnet", "test_efficientnet"])
+def test_every_coded_preset_keeps_forward_and_trains_a_step(family):
+    import timm
+
+    assert set(CODED_REPRESENTATIVES) <= set(CODED_PRESETS)
+    torch.manual_seed(0)
+    base = timm.create_model(family, num_classes=10).train()
+    x = torch.randn(2, 3, 32, 32)
+    ref = base(x)
+    for preset in CODED_PRESETS:
+        m = actcomp.compress(copy.deepcopy(base), preset)
+        out = m(x)
+        assert torch.equal(out, ref), preset
+        out.logsumexp(1).mean().backward()
+        assert all(c.weight.grad is not None for c in m.modules() if isinstance(c, nn.Conv2d)), preset
+
+
 # ------------------------------------------------------------------------------------------ config and accounting
 
 @pytest.mark.parametrize("bad,msg", [
