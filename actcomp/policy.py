@@ -38,7 +38,7 @@ from .errors import ActcompError
 from .ops.code import coded_nbytes, decode, encode
 from .ops.conv import pool_blocks, pooled_nbytes, resolve_padding, unpool_blocks
 
-__all__ = ["CANDIDATES", "BudgetPlan", "budget_spec", "conv_input_fraction", "plan_budget"]
+__all__ = ["CANDIDATES", "BudgetPlan", "budget_spec", "config_for_budget", "conv_input_fraction", "plan_budget"]
 
 # (name, block b, code bits or None); bytes per fp32 input element: 4, 1, 0.5, 0.25, 0.25, 0.25, 0.125,
 # 0.0625, 0.0625, 0.03125 (coded ones + 8 B per group).

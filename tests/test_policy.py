@@ -157,10 +157,10 @@ FAMILIES = {"test_resnet": ("test_resnet", {}), "test_efficientnet": ("test_effi
 @pytest.mark.parametrize("family", FAMILIES)
 def test_families_plan_meet_the_budget_and_train(family):
     name, kw = FAMILIES[family]
-    x, y = _x(2, 64), torch.tensor([1, 2])
-    p = actcomp.plan_budget(_model(name, **kw), x, 0.2, target=y)
+    x, y = _x(2, 32), torch.tensor([1, 2])
+    p = actcomp.plan_budget(_model(name, **kw), x, 0.3, target=y)
     m = actcomp.compress(_model(name, **kw), p.config)
-    assert actcomp.conv_input_fraction(m, x) <= 0.2
+    assert actcomp.conv_input_fraction(m, x) <= 0.3
     m.train()
     torch.nn.functional.cross_entropy(m(x), y).backward()
     assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in m.parameters() if q.requires_grad)
