@@ -268,8 +268,13 @@ def conv_input_fraction(model: nn.Module, example_input: torch.Tensor) -> float:
     bytes of convs it left alone, over every conv's native input bytes (one forward, any device)."""
     from .convert import summary
 
-    with torch.no_grad():
-        calls = _run_capture(model, example_input, False)
+    was_training = model.training
+    try:
+        model.eval()  # only shapes are needed: leave BatchNorm running statistics alone
+        with torch.no_grad():
+            calls = _run_capture(model, example_input, False)
+    finally:
+        model.train(was_training)
     native = {n: r["x"].numel() * r["x"].element_size() for n, r in calls.items()}
     rows = summary(model, example_input)
     rows = rows[rows.op == "conv2d"].groupby("layer").first()
