@@ -8,10 +8,12 @@
 from .accounting import SavedReport, conv_table, saved_bytes
 from .config import PRESETS, ActcompError, CompressionConfig, as_config, get_preset
 from .convert import compress, config_of, plan, restore, summary
+from .policy import BudgetPlan, conv_input_fraction, plan_budget
 
 __all__ = [
-    "PRESETS", "ActcompError", "CompressionConfig", "SavedReport", "as_config", "compress", "config_of",
-    "conv_table", "get_preset", "plan", "restore", "saved_bytes", "summary",
+    "PRESETS", "ActcompError", "BudgetPlan", "CompressionConfig", "SavedReport", "as_config", "compress", "config_of",
+    "conv_input_fraction", "conv_table", "get_preset", "plan", "plan_budget", "restore", "saved_bytes",
+    "summary",
 ]
 __version__ = "0.1.0"
 

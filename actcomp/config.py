@@ -39,6 +39,8 @@ class CompressionConfig:
         normalization inputs, max-pool indices, Linear inputs and squeeze-excite gating muls are saved.
     include/exclude: module-name glob patterns restricting which modules are converted.
     peer: a non-pooling baseline applied to the whole model (checkpointing, int8 everything, CPU offload).
+    grad_error: per conv layer, the relative weight-gradient error that ``actcomp.plan_budget`` measured for
+        its choice (informational: ``summary`` reports it; no effect on conversion).
     """
 
     name: str = "custom"
@@ -58,6 +60,7 @@ class CompressionConfig:
     exclude: tuple[str, ...] = ()
     peer: str = "none"
     description: str = field(default="", compare=False)
+    grad_error: Mapping[str, float] | None = field(default=None, compare=False)
 
     def __post_init__(self):
         validate(self)
@@ -147,6 +150,12 @@ def _normalize(cfg: CompressionConfig) -> None:
     object.__setattr__(cfg, "conv_bits", bits)
     for key in ("include", "exclude"):
         object.__setattr__(cfg, key, _patterns(getattr(cfg, key), key))
+    if cfg.grad_error is not None:
+        if not isinstance(cfg.grad_error, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, numbers.Real) and not isinstance(v, bool)
+                for k, v in cfg.grad_error.items()):
+            raise ActcompError(f"grad_error must be a {{layer: number}} mapping or None, got {_show(cfg.grad_error)}")
+        object.__setattr__(cfg, "grad_error", {k: float(v) for k, v in cfg.grad_error.items()})
 
 
 def validate(cfg: CompressionConfig) -> None:
@@ -204,6 +213,10 @@ PRESETS: dict[str, CompressionConfig] = {
 
 
 def get_preset(name: str) -> CompressionConfig:
+    if isinstance(name, str) and name.removeprefix("full_").startswith("budget"):
+        # planned per model: needs the model and a calibration batch, so it cannot be a fixed preset
+        raise ActcompError(f"{name!r} is planned per model: actcomp.compress(model, {name!r}, example_input=x) "
+                           "or actcomp.plan_budget(model, x, budget)")
     if not isinstance(name, str) or name not in PRESETS:
         close = difflib.get_close_matches(str(name), PRESETS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""

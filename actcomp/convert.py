@@ -114,7 +114,8 @@ _RECORDER: list | None = None  # set by summary(): rows describing each compress
 def _record(spec: ModuleSpec, op: str, shape, before: int, after: int, note: str = ""):
     if _RECORDER is not None:
         _RECORDER.append(dict(layer=spec.name, op=op, input_shape=tuple(shape), block=spec.block, bits=spec.bits,
-                              saved_bytes_native=before, saved_bytes_compressed=after, note=note))
+                              saved_bytes_native=before, saved_bytes_compressed=after, note=note,
+                              grad_error=(spec.cfg.grad_error or {}).get(spec.name, float("nan"))))
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -291,8 +292,12 @@ def _compressed_class(cls: type) -> type:
 
 # ----------------------------------------------------------------------------------------- public API
 
-def compress(model: nn.Module, spec: str | CompressionConfig | Mapping = "none") -> nn.Module:
+def compress(model: nn.Module, spec: str | CompressionConfig | Mapping = "none",
+             example_input: torch.Tensor | None = None) -> nn.Module:
     """Convert ``model`` in place for ``spec`` (preset name, CompressionConfig or mapping) and return it.
+
+    A budget spec (``{"budget": 0.25, ...}``, ``"budget0.25"``, ``"full_budget0.25"``) plans per-layer codes
+    on the calibration batch ``example_input`` first (:func:`actcomp.policy.plan_budget`).
 
     Idempotent (a converted model is first restored), reversible with :func:`restore`. Raises
     :class:`ActcompError` and leaves the model unchanged on bad input.
@@ -303,7 +308,10 @@ def compress(model: nn.Module, spec: str | CompressionConfig | Mapping = "none")
         # Scripted code bypasses the Python forward that the conversion relies on.
         raise ActcompError("compress() needs an eager nn.Module, got a TorchScript module; compress before "
                            "torch.jit.script")
-    cfg = as_config(spec)
+    from .policy import budget_spec, config_for_budget  # lazy: policy imports this module
+
+    planned = budget_spec(spec)
+    cfg = as_config(spec) if planned is None else config_for_budget(model, planned, example_input)
     if cfg.compresses_convs and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise ActcompError(f"preset {cfg.name!r} pools convolution inputs, but {type(model).__name__} has no Conv2d")
     todo = plan(model, cfg)
@@ -350,7 +358,8 @@ def config_of(model: nn.Module) -> CompressionConfig | None:
 
 def summary(model: nn.Module, example_input: torch.Tensor):
     """One training-mode forward; a row per compressed call: layer, op, input shape, b, code bits (None: uncoded),
-    saved bytes before/after.
+    saved bytes before/after, and for a budget plan the relative weight-gradient error it measured for the
+    layer's choice (``grad_error``; NaN otherwise).
 
     Runs on any device, ``meta`` included (no real compute there). Returns a pandas DataFrame.
     """
@@ -367,4 +376,4 @@ def summary(model: nn.Module, example_input: torch.Tensor):
         _RECORDER = None
         model.train(was_training)
     return pd.DataFrame(rows, columns=["layer", "op", "input_shape", "block", "bits", "saved_bytes_native",
-                                       "saved_bytes_compressed", "note"])
+                                       "saved_bytes_compressed", "note", "grad_error"])
