@@ -126,28 +126,9 @@ def _normalize(cfg: CompressionConfig) -> None:
         v = getattr(cfg, key)
         if not isinstance(v, str) or v not in allowed:
             raise ActcompError(f"{key}={repr(v) if isinstance(v, str) else _show(v)} is not one of {', '.join(allowed)}")
-    if isinstance(cfg.block, Mapping):
-        if not cfg.block:
-            raise ActcompError("block mapping is empty; give an int or {pattern: int}")
-        block = {}
-        for pat, b in cfg.block.items():
-            if not isinstance(pat, str):
-                raise ActcompError(f"block pattern must be a string, got {_show(pat)}")
-            block[pat] = _check_block(b, f"block[{pat!r}]")
-    else:
-        block = _check_block(cfg.block)
-    object.__setattr__(cfg, "block", block)
-    if isinstance(cfg.conv_bits, Mapping):
-        if not cfg.conv_bits:
-            raise ActcompError("conv_bits mapping is empty; give 8, 4, 2, None or {pattern: bits}")
-        bits = {}
-        for pat, b in cfg.conv_bits.items():
-            if not isinstance(pat, str):
-                raise ActcompError(f"conv_bits pattern must be a string, got {_show(pat)}")
-            bits[pat] = _check_bits(b, f"conv_bits[{pat!r}]")
-    else:
-        bits = _check_bits(cfg.conv_bits)
-    object.__setattr__(cfg, "conv_bits", bits)
+    object.__setattr__(cfg, "block", _per_layer(cfg.block, "block", _check_block, "an int or {pattern: int}"))
+    object.__setattr__(cfg, "conv_bits", _per_layer(cfg.conv_bits, "conv_bits", _check_bits,
+                                                    "8, 4, 2, None or {pattern: bits}"))
     for key in ("include", "exclude"):
         object.__setattr__(cfg, key, _patterns(getattr(cfg, key), key))
     if cfg.grad_error is not None:
@@ -156,6 +137,20 @@ def _normalize(cfg: CompressionConfig) -> None:
                 for k, v in cfg.grad_error.items()):
             raise ActcompError(f"grad_error must be a {{layer: number}} mapping or None, got {_show(cfg.grad_error)}")
         object.__setattr__(cfg, "grad_error", {k: float(v) for k, v in cfg.grad_error.items()})
+
+
+def _per_layer(value, key: str, check, hint: str):
+    """One value for every conv (checked by ``check``), or a non-empty {module-name glob: value} mapping."""
+    if not isinstance(value, Mapping):
+        return check(value)
+    if not value:
+        raise ActcompError(f"{key} mapping is empty; give {hint}")
+    out = {}
+    for pat, v in value.items():
+        if not isinstance(pat, str):
+            raise ActcompError(f"{key} pattern must be a string, got {_show(pat)}")
+        out[pat] = check(v, f"{key}[{pat!r}]")
+    return out
 
 
 def validate(cfg: CompressionConfig) -> None:
