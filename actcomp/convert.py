@@ -293,11 +293,12 @@ def _compressed_class(cls: type) -> type:
 # ----------------------------------------------------------------------------------------- public API
 
 def compress(model: nn.Module, spec: str | CompressionConfig | Mapping = "none",
-             example_input: torch.Tensor | None = None) -> nn.Module:
+             example_input: torch.Tensor | None = None, target: torch.Tensor | None = None) -> nn.Module:
     """Convert ``model`` in place for ``spec`` (preset name, CompressionConfig or mapping) and return it.
 
     A budget spec (``{"budget": 0.25, ...}``, ``"budget0.25"``, ``"full_budget0.25"``) plans per-layer codes
-    on the calibration batch ``example_input`` first (:func:`actcomp.policy.plan_budget`).
+    on the calibration batch ``example_input`` first (:func:`actcomp.policy.plan_budget`; ``target``: its class
+    labels, for a cross-entropy calibration loss).
 
     Idempotent (a converted model is first restored), reversible with :func:`restore`. Raises
     :class:`ActcompError` and leaves the model unchanged on bad input.
@@ -311,7 +312,7 @@ def compress(model: nn.Module, spec: str | CompressionConfig | Mapping = "none",
     from .policy import budget_spec, config_for_budget  # lazy: policy imports this module
 
     planned = budget_spec(spec)
-    cfg = as_config(spec) if planned is None else config_for_budget(model, planned, example_input)
+    cfg = as_config(spec) if planned is None else config_for_budget(model, planned, example_input, target)
     if cfg.compresses_convs and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise ActcompError(f"preset {cfg.name!r} pools convolution inputs, but {type(model).__name__} has no Conv2d")
     todo = plan(model, cfg)

@@ -58,14 +58,16 @@ def _seeded(seed: int | None):
 
 
 def build_model(name: str, num_classes: int = 1000, in_chans: int = 3, device="cpu", img_size: int | None = None,
-                *, seed: int | None = None, model_kwargs: dict | None = None, preset=None, **kwargs) -> nn.Module:
+                *, seed: int | None = None, model_kwargs: dict | None = None, preset=None, example_input=None,
+                target=None, **kwargs) -> nn.Module:
     """``timm.create_model(name, pretrained=False)`` built directly on ``device`` (``meta``: no allocation).
 
     ``img_size`` is passed to models that take it (ViT-style models have a fixed patch grid); models that do not
     accept it are built without it. ``model_kwargs`` and ``kwargs``: extra ``timm.create_model`` arguments.
     ``seed``: the weights are initialised under ``torch.manual_seed(seed)`` (the caller's random streams are left
     as they were), so every preset built with one seed starts from bitwise the same weights. ``preset``: converted
-    with :func:`actcomp.compress` after building (None: returned unconverted).
+    with :func:`actcomp.compress` after building (None: returned unconverted); ``example_input``/``target``: the
+    calibration batch and labels a budget preset plans on.
     """
     import timm
 
@@ -93,7 +95,7 @@ def build_model(name: str, num_classes: int = 1000, in_chans: int = 3, device="c
     if preset is not None:
         from .convert import compress
 
-        compress(model, preset)
+        compress(model, preset, example_input=example_input, target=target)
     return model
 
 

@@ -141,7 +141,7 @@ def train_config(cfg: DictConfig, ckpt: Path | None) -> TrainConfig:
     m = cfg.model
     # resume: false | true (this output dir's checkpoint) | a run dir or checkpoint file to continue from
     return TrainConfig(
-        model=m.name, model_kwargs=dict(_container(m.get("kwargs")) or {}), preset=compression_spec(cfg.compression),
+        model=m.name, model_kwargs=dict(_container(m.get("kwargs")) or {}), preset=compression_spec(cfg.compression, budget=True),
         epochs=cfg.epochs, batch_size=cfg.batch_size, epoch_samples=cfg.epoch_samples, eval_batch_size=cfg.eval_batch_size, opt=o, sched=sched,
         label_smoothing=cfg.label_smoothing, seed=cfg.seed, deterministic=cfg.deterministic, amp=cfg.amp,
         channels_last=cfg.channels_last, device=_device(cfg), threads=cfg.threads, num_workers=cfg.num_workers,
@@ -185,7 +185,7 @@ def run(cfg: DictConfig) -> dict:
     ckpt = _prepare_resume(cfg, out)
     dcfg = dict(_container(cfg.data))
     data_name = dcfg.pop("name")
-    spec = compression_spec(cfg.compression)
+    spec = compression_spec(cfg.compression, budget=True)
     if isinstance(dcfg.get("image_size"), int):
         check_block(dcfg["image_size"], spec)  # before loading: the same refusal as memory/speed/fit
     data = build_data(data_name, **dcfg)

@@ -81,7 +81,8 @@ def test_compose_every_app(app):
                 assert compose(app, overrides=[f"compression={p}"]).compression.name == p
     import actcomp
 
-    assert set(sweep.group_options("compression")) == set(actcomp.PRESETS)
+    # plus the budget policy's named presets (planned per model: actcomp.policy, train app only)
+    assert set(sweep.group_options("compression")) == set(actcomp.PRESETS) | {"budget0.0625", "full_budget0.0625"}
 
 
 @pytest.mark.parametrize("app,exp", [("memory", "memory_models"), ("fit", "fit_models"), ("speed", "speed_cpu")])
@@ -221,6 +222,8 @@ BAD = [
     ("memory", ["model.name=resnet19"], "unknown timm model 'resnet19'"),
     ("memory", ["compression=pool3"], "unknown preset 'pool3' (did you mean"),
     ("fit", ["compression.name=pool3"], "unknown preset 'pool3'"),
+    ("memory", ["model=test_resnet", "compression=full_budget0.0625"], "only the train app takes it"),
+    ("speed", ["model=test_resnet", "compression.name=budget0.5"], "only the train app takes it"),
     ("memory", ["model=test_resnet", "batch_size=0"], "batch_size=0: must be an integer >= 1"),
     ("speed", ["model=test_resnet", "batch_size=-3"], "batch_size=-3: must be an integer >= 1"),
     ("memory", ["model=test_resnet", "compression=pool4", "img_size=2"], "img_size=2 is smaller than the 4x4"),

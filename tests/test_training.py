@@ -94,6 +94,29 @@ def test_resume_after_stop_equals_uninterrupted(tiny_data, tmp_path):
     assert [[r[k] for k in keys] for r in rest.history] == [[r[k] for k in keys] for r in full.history]
 
 
+def test_budget_preset_plans_on_the_first_batch_and_resumes_bitwise(tiny_data, tmp_path):
+    """A budget preset is planned inside the run (calibration: the first training samples, the run's seed): the
+    model meets the budget, and a stopped run resumes to the same plan and the same metrics."""
+    from actcomp import config_of
+    from actcomp.policy import conv_input_fraction
+    from actcomp.train.probes import first_batch
+
+    cfg = dict(preset="full_budget0.0625", epochs=2, model_kwargs={})
+    full = train(_tiny_cfg(ckpt_path=str(tmp_path / "a.pt"), **cfg), tiny_data)
+    part = train(_tiny_cfg(ckpt_path=str(tmp_path / "b.pt"), stop_after_epoch=1, **cfg), tiny_data)
+    rest = train(_tiny_cfg(ckpt_path=str(tmp_path / "b.pt"), resume=True, **cfg), tiny_data)
+    assert not part.finished and rest.finished
+    keys = ("train_loss", "val_loss", "val_top1")
+    assert [[r[k] for k in keys] for r in rest.history] == [[r[k] for k in keys] for r in full.history]
+    xs, ys = first_batch(tiny_data.train, 16)
+    m = build_model(_tiny_cfg(**cfg), tiny_data.num_classes, tiny_data.in_chans, (xs, ys))
+    c = config_of(m)
+    assert c.name == "full_budget0.0625" and c.grad_error and c.relu  # planned, whole set compressed
+    assert conv_input_fraction(m, xs) <= 0.0625 + 1e-9
+    with pytest.raises(TrainError, match="needs a calibration batch"):
+        build_model(_tiny_cfg(**cfg), tiny_data.num_classes, tiny_data.in_chans)
+
+
 def test_killed_app_resumes_to_the_same_metrics(tiny_data, tmp_path):
     """SIGKILL the app once its first checkpoint exists; rerun with resume=true; compare with a run in-process."""
     run = tmp_path / "run"

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..config import as_config
+from ..policy import budget_spec
 from .config import TrainConfig, TrainError
 from .distributed import Dist
 from .numerics import cpu_numerics, set_rng_state
@@ -29,8 +30,12 @@ _RESUME_FREE = {"epochs", "ckpt_path", "resume", "stop_after_epoch", "targets", 
 def fingerprint(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with its checkpoint (the preset resolved to its full config)."""
     d = asdict(cfg)
-    d["preset"] = asdict(as_config(cfg.preset))
-    d["preset"].pop("description", None)
+    planned = budget_spec(cfg.preset)
+    if planned is not None:
+        d["preset"] = planned  # the plan is a function of the spec, the seed and the data, all fingerprinted
+    else:
+        d["preset"] = asdict(as_config(cfg.preset))
+        d["preset"].pop("description", None)
     return {k: v for k, v in d.items() if k not in _RESUME_FREE}
 
 

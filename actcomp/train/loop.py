@@ -26,6 +26,7 @@ from ..convert import config_of
 from ..data import DataBundle
 from ..devices import parse_amp
 from ..errors import ActcompError, check_int, one_line
+from ..policy import budget_spec
 from ..step import train_step
 from . import checkpoint
 from .config import TrainConfig, TrainError, TrainResult
@@ -35,12 +36,20 @@ from .probes import MIB, cosine_columns, first_batch, memory_columns
 from .tta import summarize
 
 
-def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, calib=None) -> nn.Module:
     """``cfg.model`` built under ``torch.manual_seed(cfg.seed)`` with ``cfg.model_kwargs``, then converted with
-    ``cfg.preset``: every preset starts from bitwise the same weights."""
+    ``cfg.preset``: every preset starts from bitwise the same weights. A budget preset plans its per-layer codes
+    on ``calib`` (images, labels) with ``cfg.seed``: the same plan on a resume."""
+    kw = {}
+    spec = budget_spec(cfg.preset)
+    if spec is not None:
+        if calib is None:
+            raise TrainError(f"budget preset {cfg.preset!r} needs a calibration batch")
+        spec.setdefault("seed", cfg.seed)
+        kw = dict(preset=spec, example_input=calib[0], target=calib[1])
     with preserved_rng():  # every stream, CUDA's included, as the run seeded it
         return models.build_model(cfg.model, num_classes, in_chans, seed=cfg.seed,
-                                  model_kwargs=dict(cfg.model_kwargs or {}), preset=cfg.preset)
+                                  model_kwargs=dict(cfg.model_kwargs or {}), **(kw or dict(preset=cfg.preset)))
 
 
 def accuracy_counts(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -194,7 +203,9 @@ def setup(cfg: TrainConfig, data: DataBundle, d: Dist) -> Run:
                          f"training samples per epoch (the last partial batch is dropped)")
 
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = build_model(cfg, data.num_classes, data.in_chans).to(d.device, memory_format=fmt)
+    # A budget preset calibrates on the first training samples (unshuffled: the same batch on every rank).
+    calib = first_batch(data.train, cfg.batch_size) if budget_spec(cfg.preset) is not None else None
+    model = build_model(cfg, data.num_classes, data.in_chans, calib).to(d.device, memory_format=fmt)
 
     if cfg.epoch_samples:
         sampler = EpochSampler(len(data.train), cfg.epoch_samples, cfg.seed, d.rank, d.world)

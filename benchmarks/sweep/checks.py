@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actcomp import ActcompError, get_preset
 from actcomp.errors import one_line
+from actcomp.policy import budget_spec
 
 from ..errors import BenchError, int_option
 from .paths import CONF_DIR
@@ -18,17 +19,28 @@ from .paths import CONF_DIR
 GROUPS = ("model", "compression", "device", "logger", "experiment", "hydra/launcher")
 
 
-def compression_spec(comp: DictConfig | dict):
+def compression_spec(comp: DictConfig | dict, budget: bool = False):
     """The compression group as actcomp input: the preset name, or {preset, **overrides} when keys were added.
 
     Checked here so that an unknown preset is one line with suggestions (actcomp.get_preset's message).
+    ``budget``: the app can plan a budget preset (``budget0.25``, ``full_budget0.0625``) on real data; the
+    spec is then the preset name, or {budget, base, **overrides}.
     """
     d = OmegaConf.to_container(comp, resolve=True) if isinstance(comp, DictConfig) else dict(comp)
     name = d.pop("name", None)
     if name is None:
         raise BenchError("compression.name is missing; pick a preset, e.g. compression=pool4")
-    get_preset(name)
-    return {"preset": name, **d} if d else name
+    planned = budget_spec(name)
+    if planned is None:
+        get_preset(name)
+        return {"preset": name, **d} if d else name
+    if not budget:
+        raise BenchError(f"preset {name!r} plans its per-layer codes on a calibration batch of real data: only "
+                         f"the train app takes it (python -m benchmarks.train compression={name})")
+    if not 0 < planned["budget"] <= 1:
+        raise BenchError(f"preset {name!r}: the budget must be in (0, 1] (a fraction of the native conv-input "
+                         f"saved bytes), got {planned['budget']:g}")
+    return {**planned, **d} if d else name
 
 
 def check_block(img_size: int, spec) -> None:
@@ -37,6 +49,8 @@ def check_block(img_size: int, spec) -> None:
 
     from actcomp import as_config
 
+    if budget_spec(spec) is not None:
+        return  # planned per layer: a candidate that pools by more than the map is not chosen
     c = as_config(spec)
     b = max(c.block.values()) if isinstance(c.block, Mapping) else c.block
     if b > 1 and img_size < b:
