@@ -113,3 +113,26 @@ def test_reproduce_adds_the_frontier_stages_only_with_study(tmp_path):
     assert "experiment=train/frontier_mobile_quick" in q["frontier_mobile"].args
     assert verify.stage_of("train/frontier/frontier_mobile/summary.csv") == "frontier_mobile"
     assert verify.stage_of("train/frontier/frontier_resnet18_quick/epochs.csv") == "frontier_resnet18"
+
+
+def test_md_frontier_tables_and_pick_by_affordable_memory():
+    from benchmarks.plots.tables import md_frontier
+
+    rows = []
+    for model, seeds in (("mob", [0, 1]), ("r18", [0, 1, 2])):
+        for p, r50, acc, ep in (("none", 1.0, 90.0, 1.0), ("full4", 0.24, 88.0, None), ("full_q2", 0.26, 89.8, 1.1),
+                                ("q4", 0.6, 89.9, 1.0)):
+            for s in seeds:
+                rows.append(dict(model=model, preset=p, seed=s, final_val_top1=acc + s * 0.1, peak_ratio=r50,
+                                 r50_b256_peak_ratio=r50, total_cpu_time_s=100.0 * (2 if p.startswith("full") else 1),
+                                 epochs_ratio_native_best_m0_5=ep))
+    df = pd.DataFrame(rows).rename(columns={"epochs_ratio_native_best_m0_5": "epochs_ratio_native_best_m0.5"})
+    df["cpu_time_to_native_best_m0.5_s"] = 50.0 * df["epochs_ratio_native_best_m0.5"]
+    md = md_frontier(df, "results/train/frontier/frontier.csv")
+    assert md.index("**r18**") < md.index("**mob**")  # the reference (most seeds) first
+    r18 = md[md.index("**r18**"):md.index("**mob**")]
+    assert "| full4 | 3 | 0.240× | 0.240× | 88.10% (88.00–88.20) | -2.00 | not reached 0/3 | — | 2.00× |" in r18
+    assert "| full_q2 | 3 | 0.260× | 0.260× | 89.90% (89.80–90.00) | -0.20 | 1.10× | 1.10× | 2.00× |" in r18
+    assert "| ≤ 0.5× | full_q2 | 0.260× | -0.20 | -0.20 | 1.10× |" in md  # q4 (0.6×) does not fit
+    assert "| ≤ 0.25× | full4 | 0.240× | -2.00 | -2.00 | not reached 0/3 |" in md
+    assert "| ≤ 0.125× | no studied preset reaches it (lowest: 0.240×)" in md

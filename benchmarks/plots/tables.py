@@ -207,3 +207,78 @@ def md_whole_model(df: pd.DataFrame, rel: str) -> str:
         lines.append(f"| {m} | {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+
+
+FRONTIER_TARGET = "native_best_m0.5"  # the schedule target of the frontier: native's best top-1 - 0.5 (same seed)
+FRONTIER_LEVELS = (0.5, 0.25, 0.125)  # memory a user can afford, as a fraction of native's peak
+
+
+def frontier_presets(df: pd.DataFrame) -> pd.DataFrame:
+    """frontier.csv -> one row per (model, preset): seeds, memory ratios, final top-1 mean/min/max and its
+    difference to native's mean, epochs and CPU time to (native best - 0.5) as ratios to native's (same seed;
+    means over seeds; NaN when a seed never reached it), and the whole run's CPU time ratio."""
+    ep, cpu = f"epochs_ratio_{FRONTIER_TARGET}", f"cpu_time_to_{FRONTIER_TARGET}_s"
+    rows = []
+    for model, m in df.groupby("model", sort=False):
+        nat = m[m["preset"] == "none"].set_index("seed")
+        nat_acc = float(nat["final_val_top1"].mean()) if len(nat) else float("nan")
+        for p in sort_presets(m["preset"]):
+            g = m[m["preset"] == p]
+            acc = g["final_val_top1"]
+            base = nat.reindex(g["seed"])
+            cpu_r = (g[cpu].to_numpy(float) / base[cpu].to_numpy(float)) if cpu in g else [float("nan")]
+            tot_r = g["total_cpu_time_s"].to_numpy(float) / base["total_cpu_time_s"].to_numpy(float)
+            er = g[ep] if ep in g else pd.Series(float("nan"), index=g.index)
+            rows.append(dict(model=model, preset=p, seeds=len(g), r50=float(g["r50_b256_peak_ratio"].mean())
+                             if "r50_b256_peak_ratio" in g else float("nan"), own=float(g["peak_ratio"].mean()),
+                             acc=float(acc.mean()), acc_lo=float(acc.min()), acc_hi=float(acc.max()),
+                             delta=float(acc.mean()) - nat_acc, reached=int(er.notna().sum()),
+                             epochs_ratio=float(er.mean()) if er.notna().all() else float("nan"),
+                             cpu_ratio=float(pd.Series(cpu_r).mean()) if er.notna().all() else float("nan"),
+                             total_cpu_ratio=float(pd.Series(tot_r).mean())))
+    return pd.DataFrame(rows)
+
+
+def md_frontier(df: pd.DataFrame, rel: str) -> str:
+    """The frontier per model, then the pick at each affordable memory level (on ResNet-50 batch 256's peak)."""
+    # The reference architecture (the most seeds; ties: the first) leads, and its accuracy decides the pick.
+    seeds = df.groupby("model", sort=False)["seed"].nunique()
+    order = sorted(seeds.index, key=lambda m: -seeds[m])
+    agg = frontier_presets(df)
+    agg = agg.sort_values("model", key=lambda s: s.map(order.index), kind="stable")
+    nd = lambda v, f: "—" if pd.isna(v) else f.format(v)  # noqa: E731
+    first = order[0]
+    lines = [f"From `{rel}` (`make study`): final val top-1 as mean (min–max) over seeds; Δ against native's mean; "
+             "epochs and CPU time to reach native's best − 0.5 (same seed) as ratios to native's, means over "
+             "seeds (“not reached k/n”: only k of n seeds got there); memory: predicted step peak over native's, "
+             "for ResNet-50 at batch 256, 224 px and for the trained model at its batch.", ""]
+    for model, a in agg.groupby("model", sort=False):
+        lines += [f"**{model}**", "",
+                  "| preset | seeds | peak, ResNet-50 b256 | peak, this model | final top-1 | Δ top-1 | "
+                  "epochs to native best − 0.5 | CPU time to it | CPU time, whole run |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in a.itertuples():
+            ep = (nd(r.epochs_ratio, "{:.2f}×") if r.reached == r.seeds
+                  else f"not reached {r.reached}/{r.seeds}")
+            lines.append(f"| {r.preset} | {r.seeds} | {nd(r.r50, '{:.3f}×')} | {nd(r.own, '{:.3f}×')} | "
+                         f"{r.acc:.2f}% ({r.acc_lo:.2f}–{r.acc_hi:.2f}) | {r.delta:+.2f} | {ep} | "
+                         f"{nd(r.cpu_ratio, '{:.2f}×')} | {r.total_cpu_ratio:.2f}× |")
+        lines.append("")
+    ref = agg[agg["model"] == first]
+    others = [m for m in dict.fromkeys(agg["model"]) if m != first]
+    lines += [f"Which preset to pick for the memory you can afford (ResNet-50 batch-256 peak, predicted), by mean "
+              f"final top-1 of {first}:", "",
+              "| affordable peak | pick | its peak | Δ top-1, " + " | Δ top-1, ".join([first, *others])
+              + f" | epochs ratio, {first} |", "|---|---|---|" + "---|" * (len(others) + 2)]
+    for level in FRONTIER_LEVELS:
+        fits = ref[(ref["r50"] <= level) & (ref["preset"] != "none")]
+        if fits.empty:
+            lines.append(f"| ≤ {level:g}× | no studied preset reaches it (lowest: {ref['r50'].min():.3f}×) | — | "
+                         + " | ".join("—" for _ in [first, *others]) + " | — |")
+            continue
+        r = fits.sort_values(["acc", "r50"], ascending=[False, True]).iloc[0]
+        deltas = [agg[(agg.model == m) & (agg.preset == r["preset"])]["delta"] for m in [first, *others]]
+        ep = nd(r["epochs_ratio"], "{:.2f}×") if r["reached"] == r["seeds"] else f"not reached {r['reached']}/{r['seeds']}"
+        lines.append(f"| ≤ {level:g}× | {r['preset']} | {r['r50']:.3f}× | "
+                     + " | ".join(f"{d.iloc[0]:+.2f}" if len(d) else "not run" for d in deltas) + f" | {ep} |")
+    return "\n".join(lines)
