@@ -43,6 +43,7 @@ def fig10_frontier(R: Results, plt):
         if agg.empty:
             raise Missing(f"{R.rel(path)} has no runs of {model}")
         a_acc, a_ep = axes[0, j], axes[1, j]
+        missed = 0  # presets that never reached the target, stacked so their labels do not overlap
         for r in agg.itertuples():
             color = "black" if r.preset == "none" else COLORS.get(r.preset, "#444444")
             a_acc.errorbar(r.x, r.acc, yerr=[[r.acc - r.acc_lo], [r.acc_hi - r.acc]], fmt=marker(r.preset),
@@ -52,9 +53,11 @@ def fig10_frontier(R: Results, plt):
                 a_ep.plot(r.x, r.epochs_ratio, marker(r.preset), color=color, ms=7)
                 a_ep.annotate(r.preset, (r.x, r.epochs_ratio), textcoords="offset points", xytext=(5, 4), fontsize=7.5)
             else:
-                a_ep.plot(r.x, 0.05, "x", color=color, ms=8)
-                a_ep.annotate(f"{r.preset}: not reached ({r.reached}/{r.seeds})", (r.x, 0.05),
-                              textcoords="offset points", xytext=(5, 4), fontsize=7, rotation=30)
+                y = 0.06 + 0.12 * missed
+                missed += 1
+                a_ep.plot(r.x, y, "x", color=color, ms=8)
+                a_ep.annotate(f"{r.preset}: not reached ({r.reached}/{r.seeds} seeds)", (r.x, y),
+                              textcoords="offset points", xytext=(6, -3), fontsize=7)
         front = pareto_front(agg, "x", "acc")
         a_acc.step(front["x"], front["acc"], where="post", color="#888888", ls=":", lw=1.5,
                    label="Pareto front (less memory, higher mean accuracy)")
