@@ -38,7 +38,7 @@ from .errors import ActcompError
 from .ops.code import coded_nbytes, decode, encode
 from .ops.conv import pool_blocks, pooled_nbytes, resolve_padding, unpool_blocks
 
-__all__ = ["CANDIDATES", "BudgetPlan", "budget_spec", "config_for_budget", "conv_input_fraction", "plan_budget"]
+__all__ = ["CANDIDATES", "BudgetPlan", "budget_spec", "check_budget", "config_for_budget", "conv_input_fraction", "plan_budget"]
 
 # (name, block b, code bits or None); bytes per fp32 input element: 4, 1, 0.5, 0.25, 0.25, 0.25, 0.125,
 # 0.0625, 0.0625, 0.03125 (coded ones + 8 B per group).
@@ -134,7 +134,8 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref.double()).square().sum() / ref.double().square().sum()).item()
 
 
-def _check_budget(budget) -> float:
+def check_budget(budget) -> float:
+    """``budget`` as a float in (0, 1], or a one-line ActcompError."""
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 < float(budget) <= 1:
         raise ActcompError(f"budget must be a number in (0, 1] (a fraction of the native conv-input saved bytes), "
                            f"got {budget!r}")
@@ -150,7 +151,7 @@ def plan_budget(model: nn.Module, example_input: torch.Tensor, budget: float, *,
     cross-entropy loss (default: the outputs summed with fixed random weights drawn from ``seed``). ``model`` is
     not modified (a native deep copy runs). Returns a :class:`BudgetPlan`; its ``config`` goes to ``compress``.
     """
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     if base not in ("none", "full"):
         raise ActcompError(f"base must be 'none' or 'full', got {base!r}")
     if not isinstance(model, nn.Module):

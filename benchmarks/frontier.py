@@ -41,14 +41,14 @@ def r50_peak_bytes(preset: str) -> float:
 
     import actcomp
     from actcomp.models import build_model
-    from actcomp.policy import budget_spec, plan_budget
+    from actcomp.policy import budget_spec, config_for_budget
 
     spec = budget_spec(preset)
     if spec is not None:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(R50_CALIB_BATCH, 3, R50["img_size"], R50["img_size"], generator=gen)
         model = build_model(R50["model"], seed=0)
-        preset = plan_budget(model, x, spec.pop("budget"), seed=0, **spec).config
+        preset = config_for_budget(model, spec, x)  # seed: the spec's, else plan_budget's default 0
     elif preset not in actcomp.PRESETS:
         return math.nan
     return float(actcomp.step_memory(R50["model"], R50["batch_size"], R50["img_size"], preset=preset).peak_bytes)

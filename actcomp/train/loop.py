@@ -40,7 +40,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, calib=None) -
     """``cfg.model`` built under ``torch.manual_seed(cfg.seed)`` with ``cfg.model_kwargs``, then converted with
     ``cfg.preset``: every preset starts from bitwise the same weights. A budget preset plans its per-layer codes
     on ``calib`` (images, labels) with ``cfg.seed``: the same plan on a resume."""
-    kw = {}
+    kw = dict(preset=cfg.preset)
     spec = budget_spec(cfg.preset)
     if spec is not None:
         if calib is None:
@@ -49,7 +49,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, calib=None) -
         kw = dict(preset=spec, example_input=calib[0], target=calib[1])
     with preserved_rng():  # every stream, CUDA's included, as the run seeded it
         return models.build_model(cfg.model, num_classes, in_chans, seed=cfg.seed,
-                                  model_kwargs=dict(cfg.model_kwargs or {}), **(kw or dict(preset=cfg.preset)))
+                                  model_kwargs=dict(cfg.model_kwargs or {}), **kw)
 
 
 def accuracy_counts(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[int]:

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actcomp import ActcompError, get_preset
 from actcomp.errors import one_line
-from actcomp.policy import budget_spec
+from actcomp.policy import budget_spec, check_budget
 
 from ..errors import BenchError, int_option
 from .paths import CONF_DIR
@@ -37,9 +37,7 @@ def compression_spec(comp: DictConfig | dict, budget: bool = False):
     if not budget:
         raise BenchError(f"preset {name!r} plans its per-layer codes on a calibration batch of real data: only "
                          f"the train app takes it (python -m benchmarks.train compression={name})")
-    if not 0 < planned["budget"] <= 1:
-        raise BenchError(f"preset {name!r}: the budget must be in (0, 1] (a fraction of the native conv-input "
-                         f"saved bytes), got {planned['budget']:g}")
+    check_budget(planned["budget"])
     return {**planned, **d} if d else name
 
 
