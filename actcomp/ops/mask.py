@@ -35,6 +35,12 @@ class MaskedActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (mask,) = ctx.saved_tensors
+        if ctx.slope == 0.0 and dy.is_floating_point():
+            # The mask as 0/1 in dy's dtype: one dtype, no casting loop. dy * 1 == dy and dy * 0 == ±0 bitwise,
+            # as the bool-mask product gave. In place (one allocation) when that keeps dy's layout (a later
+            # BatchNorm backward sums in layout order: channels_last must stay channels_last).
+            m = unpack_bits(mask, ctx.shape, dy.dtype)
+            return (m.mul_(dy) if dy.is_contiguous() else dy * m), None, None, None, None, None
         m = unpack_bits(mask, ctx.shape)
         if ctx.slope == 0.0:
             dx = dy * m
