@@ -309,12 +309,28 @@ def main(cfg: DictConfig) -> dict:
 
 # ----------------------------------------------------------------------------------------- collecting a study
 
-def collect(run_dirs, out: str | os.PathLike, baseline: str = "none", targets=(), deltas=(0.5, 1.0)) -> dict:
+def _kept_rows(path: Path, new: "pd.DataFrame", keys=("preset", "model", "seed")):
+    """The rows of an earlier collection at ``path`` whose run (``keys``) is not among the ``new`` rows."""
+    import pandas as pd
+
+    old = pd.read_csv(path)
+    missing = [k for k in keys if k not in old]
+    if missing:
+        raise ActcompError(f"{path} lacks column(s) {', '.join(missing)}: not a collected study")
+    ids = set(new[list(keys)].astype(str).itertuples(index=False, name=None))
+    return old[[r not in ids for r in old[list(keys)].astype(str).itertuples(index=False, name=None)]]
+
+
+def collect(run_dirs, out: str | os.PathLike, baseline: str = "none", targets=(), deltas=(0.5, 1.0),
+            merge: bool = False) -> dict:
     """Merge the runs' ``history.csv`` into ``out/epochs.csv``, ``out/summary.csv`` (time-to-accuracy and schedule
     overhead of each preset vs ``baseline``, by wall time and by CPU time) and ``out/grad_cosine.csv``.
 
     Runs are told apart by their ``preset`` column; several seeds or models in one collection are kept apart
-    by grouping on (model, seed) and comparing each run with the baseline of its own group.
+    by grouping on (model, seed) and comparing each run with the baseline of its own group. ``merge``: add the
+    runs to the collection already in ``out`` (its epochs.csv and grad_cosine.csv; a run, by preset, model and
+    seed, that is in both is taken from ``run_dirs``), e.g. a preset added to a committed study without
+    re-running it.
     """
     import pandas as pd
 
@@ -323,8 +339,13 @@ def collect(run_dirs, out: str | os.PathLike, baseline: str = "none", targets=()
     if not hists:
         raise ActcompError(f"no history.csv under {', '.join(map(str, run_dirs)) or '(nothing)'}")
     epochs = pd.concat(hists, ignore_index=True)
-    epochs["cpu_elapsed_s"] = epochs.sort_values("epoch").groupby("run_id")["cpu_time_s"].cumsum()
     out = Path(out)
+    if merge:
+        if not (out / "epochs.csv").is_file():
+            raise ActcompError(f"nothing to merge with: no {out / 'epochs.csv'}")
+        kept = _kept_rows(out / "epochs.csv", epochs).drop(columns=["cpu_elapsed_s"], errors="ignore")
+        epochs = pd.concat([kept, epochs], ignore_index=True)
+    epochs["cpu_elapsed_s"] = epochs.sort_values("epoch").groupby("run_id")["cpu_time_s"].cumsum()
     atomic_write(out / "epochs.csv", epochs.to_csv(index=False))
     rows = []
     for (model, seed), g in epochs.groupby(["model", "seed"], sort=False):
@@ -346,6 +367,8 @@ def collect(run_dirs, out: str | os.PathLike, baseline: str = "none", targets=()
     atomic_write(out / "summary.csv", summary.to_csv(index=False))
     cos = [with_provenance(pd.read_csv(d / "grad_cosine.csv"), d) for d in run_dirs
            if (d / "grad_cosine.csv").is_file()]
+    if merge and cos and (out / "grad_cosine.csv").is_file():
+        cos.insert(0, _kept_rows(out / "grad_cosine.csv", pd.concat(cos, ignore_index=True)))
     if cos:
         atomic_write(out / "grad_cosine.csv", pd.concat(cos, ignore_index=True).to_csv(index=False))
     return dict(epochs=epochs, summary=summary)
@@ -440,11 +463,19 @@ def collect_cli(argv: list[str]) -> int:
     ap.add_argument("--baseline", default="none")
     ap.add_argument("--targets", default="85,88,90", help="comma-separated val top-1 targets (%%)")
     ap.add_argument("--deltas", default="0.5,1.0", help="targets at the baseline's best minus these")
+    ap.add_argument("--merge", action="store_true",
+                    help="add the runs to the collection already in --out (same preset, model and seed: replaced)")
+    ap.add_argument("--frontier", default=None,
+                    help="then rebuild FRONTIER/frontier.csv from every study collected below that folder")
     a = ap.parse_args(argv)
     try:
         runs = [r for d in a.sweep_dir for r in find_runs(d)]
         res = collect(runs, a.out, a.baseline, [float(t) for t in a.targets.split(",") if t],
-                      [float(t) for t in a.deltas.split(",") if t])
+                      [float(t) for t in a.deltas.split(",") if t], merge=a.merge)
+        if a.frontier:
+            from .frontier import write_frontier
+
+            print(f"frontier table: {write_frontier(a.frontier)}")
     except (ActcompError, ValueError, OSError) as e:
         print(f"error: {one_line(e, typed=False)}", file=sys.stderr)
         return 2

@@ -82,7 +82,7 @@ def test_compose_every_app(app):
     import actcomp
 
     # plus the budget policy's named presets (planned per model: actcomp.policy, train app only)
-    assert set(sweep.group_options("compression")) == set(actcomp.PRESETS) | {"budget0.0625", "full_budget0.0625"}
+    assert set(sweep.group_options("compression")) == set(actcomp.PRESETS) | {"budget0.0625", "full_budget0.0625", "full_budget0.08"}
 
 
 @pytest.mark.parametrize("app,exp", [("memory", "memory_models"), ("fit", "fit_models"), ("speed", "speed_cpu")])

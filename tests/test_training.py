@@ -234,6 +234,41 @@ def test_collect_gives_cosine_rows_their_runs_provenance(tmp_path):
     assert list(kept["git_sha"]) == ["own"]
 
 
+def _history(run_dir: Path, preset: str, seed: int, accs):
+    run_dir.mkdir(parents=True)
+    rows = [dict(preset=preset, model="m", seed=seed, run_id=f"{preset}{seed}", epoch=e + 1, val_top1=a,
+                 cpu_time_s=10.0, elapsed_s=10.0 * (e + 1), images_per_s=1.0, peak_mem_mib=1.0,
+                 peak_mem_source="meta", saved_mib=1.0) for e, a in enumerate(accs)]
+    pd.DataFrame(rows).to_csv(run_dir / "history.csv", index=False)
+    pd.DataFrame({"epoch": [1], "layer": ["conv"], "cosine": [0.5], "preset": [preset], "model": ["m"],
+                  "seed": [seed]}).to_csv(run_dir / "grad_cosine.csv", index=False)
+
+
+def test_collect_merge_adds_runs_to_an_earlier_collection(tmp_path):
+    """collect --merge: new runs join a collected study (its rows unchanged; a re-run run replaces its old
+    rows), compared with the baseline collected earlier; without an earlier collection: one line, exit 2."""
+    from benchmarks.train import collect, collect_cli
+
+    old, new, out = tmp_path / "old", tmp_path / "new", tmp_path / "out"
+    _history(old / "none-s0", "none", 0, [80, 90])
+    _history(old / "pool4-s0", "pool4", 0, [70, 85])
+    first = collect([old / "none-s0", old / "pool4-s0"], out, targets=[85])["summary"]
+    _history(new / "q2-s0", "q2", 0, [88, 89])
+    _history(new / "pool4-s0", "pool4", 0, [75, 86])  # a re-run of pool4 replaces the old one
+    assert collect_cli([str(new), "--out", str(out), "--merge", "--targets", "85"]) == 0
+    s = pd.read_csv(out / "summary.csv")
+    fixed = s[s["target_kind"] == "fixed"].set_index("preset")
+    assert sorted(fixed.index) == ["none", "pool4", "q2"]
+    assert fixed.loc["q2", "epoch"] == 1 and fixed.loc["none", "epoch"] == 2  # against the earlier baseline
+    assert fixed.loc["pool4", "final_val_top1"] == 86  # the new run, not the old one
+    assert first[first["target_kind"] == "fixed"].set_index("preset").loc["none", "final_val_top1"] == 90
+    e = pd.read_csv(out / "epochs.csv")
+    assert len(e) == 6 and sorted(e[e["preset"] == "pool4"]["val_top1"]) == [75, 86]
+    cos = pd.read_csv(out / "grad_cosine.csv")
+    assert sorted(cos["preset"]) == ["none", "pool4", "q2"]
+    assert collect_cli([str(new), "--out", str(tmp_path / "empty"), "--merge"]) == 2
+
+
 def test_app_bad_config_is_one_line_exit_2(tmp_path):
     """A typo in a scalar key, an unknown config-group choice and an image smaller than the pooling block: one
     line and exit 2, like the memory/speed/fit apps (not a traceback, a Hydra listing, or a run)."""

@@ -5,7 +5,7 @@ MIB, GIB = 2.0**20, 2.0**30
 
 PRESET_ORDER = ["none", "authors_b1", "pool2", "pool4", "pool8", "maxpool2", "pool2_gf", "pool4_gf", "full2", "full4",
                 "q8", "q4", "q2", "p2q8", "p2q4", "full_q8", "full_q4", "full_q2", "full_p2q8", "budget0.0625",
-                "full_budget0.0625", "ckpt", "int8", "offload"]
+                "full_budget0.0625", "full_budget0.08", "ckpt", "int8", "offload"]
 PRESET_LABEL = {"none": "none (native PyTorch)", "authors_b1": "authors_b1 (authors' b=1 baseline)",
                 "pool2": "pool2 (paper, b=2)", "pool4": "pool4 (paper, b=4)", "pool8": "pool8 (b=8)",
                 "full2": "full2 (whole set, b=2)", "full4": "full4 (whole set, b=4)"}
@@ -13,7 +13,7 @@ COLORS = {"pool2": "#1f77b4", "pool4": "#ff7f0e", "pool8": "#bcbd22", "maxpool2"
           "pool4_gf": "#ffbb78", "full2": "#2ca02c", "full4": "#d62728", "ckpt": "#7f7f7f", "int8": "#9467bd",
           "offload": "#8c564b", "q8": "#aec7e8", "q4": "#6baed6", "q2": "#3182bd", "p2q8": "#e377c2",
           "p2q4": "#f7b6d2", "full_q8": "#98df8a", "full_q4": "#74c476", "full_q2": "#006d2c", "full_p2q8": "#c51b8a",
-          "full_budget0.0625": "#8c6d31", "budget0.0625": "#bd9e39"}
+          "full_budget0.0625": "#8c6d31", "full_budget0.08": "#e6550d", "budget0.0625": "#bd9e39"}
 KIND_ORDER = ["conv input", "norm input", "activation", "pool", "linear input", "mul", "matmul", "attention"]
 KIND_COLORS = {"conv input": "#1f77b4", "norm input": "#ff7f0e", "activation": "#2ca02c", "pool": "#d62728",
                 "linear input": "#9467bd", "other": "#7f7f7f"}
@@ -35,7 +35,7 @@ def label(p: str) -> str:
 
 _MARKERS = {"none": "o", "authors_b1": "s", "pool2": "^", "pool4": "v", "pool8": "<", "maxpool2": ">", "full2": "D",
             "full4": "P", "ckpt": "X", "int8": "*", "offload": "h", "q2": "d", "p2q8": "p", "full_q4": "H",
-            "full_q2": "d", "full_p2q8": "p", "full_budget0.0625": "*", "budget0.0625": "*"}
+            "full_q2": "d", "full_p2q8": "p", "full_budget0.0625": "*", "full_budget0.08": "*", "budget0.0625": "*"}
 
 
 def line_style(p: str) -> dict:
