@@ -309,7 +309,7 @@ def main(cfg: DictConfig) -> dict:
 
 # ----------------------------------------------------------------------------------------- collecting a study
 
-def _kept_rows(path: Path, new: "pd.DataFrame", keys=("preset", "model", "seed")):
+def _kept_rows(path: Path, new, keys=("preset", "model", "seed")):
     """The rows of an earlier collection at ``path`` whose run (``keys``) is not among the ``new`` rows."""
     import pandas as pd
 
