@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from actcomp.ops import PooledConv2d, pool_blocks, unpool_blocks
+from actcomp.ops import CodedConv2d, PooledConv2d, decode, encode, pool_blocks, unpool_blocks
+from actcomp.ops import conv as conv_mod
 
 GEOMETRIES = [  # (cin, cout, k, stride, padding, dilation, groups, bias)
     (4, 6, 3, 1, 1, 1, 1, True),
@@ -12,6 +13,8 @@ GEOMETRIES = [  # (cin, cout, k, stride, padding, dilation, groups, bias)
     (4, 8, 3, 1, 1, 1, 2, True),
     (4, 4, 3, 1, 1, 1, 4, False),  # depthwise
     (4, 6, 1, 1, 0, 1, 1, True),
+    (4, 6, 1, 2, 0, 1, 1, False),  # strided pointwise (a ResNet downsample): the shortcut where b % 2 == 0
+    (4, 8, 1, 1, 0, 1, 2, True),  # grouped pointwise
     (4, 6, 3, 1, "same", 1, 1, True),
     (4, 6, 4, 1, "same", 1, 1, False),  # asymmetric 'same'
     (4, 6, 3, 1, "valid", 1, 1, True),
@@ -118,3 +121,90 @@ def test_grad_filter_exact_for_pointwise_conv_on_block_constant_input():
     _, gf = _grads(lambda x, w, b: _apply(x, w, b, geo, 2, grad_filter=True), x, w, b, dy)
     for a, c in zip(gref, gf):
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
+
+
+POINTWISE = [  # (stride, groups, block, (h, w)): the pooled_weight_grad shortcut, and where it must fall back
+    (1, 1, 2, (12, 12)), (1, 2, 4, (13, 10)), (2, 1, 4, (12, 12)), (2, 1, 2, (11, 13)), (1, 1, 4, (1, 1)),
+    (2, 1, 3, (9, 14)),  # 3 % 2: no shortcut, the upsampled path
+]
+
+
+def _upsampled_weight_grad(x_low, block, hw, dy, w, stride, groups):
+    x_hat = unpool_blocks(x_low, block, hw)
+    return torch.ops.aten.convolution_backward(
+        dy, x_hat, w, None, [stride, stride], [0, 0], [1, 1], False, [0, 0], groups, (False, True, False))[1]
+
+
+@pytest.mark.parametrize("stride,groups,block,hw", POINTWISE, ids=str)
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.float32, True),
+                                                 (torch.bfloat16, False)])
+def test_pointwise_shortcut_equals_the_upsampled_weight_gradient(stride, groups, block, hw, dtype, channels_last):
+    """1x1 convs: dy sum-pooled against pool_b(x) is the gradient from the upsampled pool_b(x), on any input."""
+    x = torch.randn(2, 4, *hw, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(6 if groups == 1 else 8, 4 // groups, 1, 1, dtype=dtype, requires_grad=True)
+    xx = x.clone().requires_grad_(True)
+    y = PooledConv2d.apply(xx, w, None, stride, 0, 1, groups, block, "avg", False, False, "t")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref = _upsampled_weight_grad(pool_blocks(x, block), block, hw, dy, w.detach(), stride, groups)
+    if dtype == torch.float32:
+        torch.testing.assert_close(w.grad, ref, rtol=1e-5, atol=1e-5)
+    else:  # bf16: both sum in fp32 inside the kernels, but round inputs/outputs to 8 bits of mantissa
+        assert ((w.grad.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    assert xx.grad is not None and xx.grad.shape == x.shape
+    shortcut = conv_mod.pooled_weight_grad(dy, pool_blocks(x, block), w.detach(), (stride, stride), (0, 0), (0, 0),
+                                           groups, block)
+    assert (shortcut is None) == (block % stride != 0)
+
+
+def test_pointwise_shortcut_never_builds_the_full_size_input(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("unpool_blocks called: the 1x1 shortcut was not taken")
+
+    monkeypatch.setattr(conv_mod, "unpool_blocks", fail)
+    x = torch.randn(2, 4, 12, 12, requires_grad=True)
+    w = torch.randn(6, 4, 1, 1, requires_grad=True)
+    PooledConv2d.apply(x, w, None, 2, 0, 1, 1, 4, "avg", False, False, "t").sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("bits", [8, 2])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_coded_pointwise_shortcut_equals_the_upsampled_decoded_gradient(bits, stride):
+    x = torch.relu(torch.randn(2, 4, 12, 12))
+    w = torch.randn(6, 4, 1, 1, requires_grad=True)
+    torch.manual_seed(3)
+    y = CodedConv2d.apply(x, w, None, stride, 0, 1, 1, 2, "avg", bits, "t")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    torch.manual_seed(3)  # the same draw: encode is the forward's only random call
+    p = pool_blocks(x, 2)
+    x_low = decode(*encode(p, bits), bits, p.shape, torch.float32)
+    ref = _upsampled_weight_grad(x_low, 2, (12, 12), dy, w.detach(), stride, 1)
+    torch.testing.assert_close(w.grad, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6), (4, 8, 16, 16), (1, 2, 2, 2), (2, 3, 5, 6), (2, 3, 6, 7)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_pool_blocks_2x2_is_bitwise_avg_pool2d(shape, dtype, layout):
+    """The CPU 2x2 fast path (even maps, NCHW) and every fallback give avg_pool2d's bits and strides."""
+    x = (torch.randn(shape) * 100).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(shape[0], shape[1] + 1, *shape[2:]).to(dtype)[:, 1:]
+    ref = F.avg_pool2d(x, 2, 2, ceil_mode=True)
+    got = pool_blocks(x, 2)
+    assert torch.equal(got, ref) and got.stride() == ref.stride()
+    dy_sum = F.avg_pool2d(x, 2, 2, ceil_mode=True, divisor_override=1)
+    w = torch.randn(3, shape[1], 1, 1, dtype=dtype)
+    # the same sum inside the pointwise shortcut (stride 1, block 2): dW = sum_pool(dy) against p
+    dw = conv_mod.pooled_weight_grad(x[:, :3] if shape[1] >= 3 else x, ref[:, : min(3, shape[1])],
+                                     w[: min(3, shape[1]), : min(3, shape[1])], (1, 1), (0, 0), (0, 0), 1, 2)
+    ref_dw = torch.ops.aten.convolution_backward(
+        dy_sum[:, : min(3, shape[1])], ref[:, : min(3, shape[1])], w[: min(3, shape[1]), : min(3, shape[1])], None,
+        [1, 1], [0, 0], [1, 1], False, [0, 0], 1, (False, True, False))[1]
+    assert torch.equal(dw, ref_dw)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from .conv import pool_blocks, resolve_padding, unpool_blocks
+from .conv import pool_blocks, pooled_weight_grad, resolve_padding, unpool_blocks
 
 __all__ = ["BITS", "CodedConv2d", "code_groups", "coded_nbytes", "decode", "encode", "pack_codes", "unpack_codes"]
 
@@ -149,10 +149,14 @@ class CodedConv2d(torch.autograd.Function):
         n, c, h, w = ctx.x_shape
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        mask = (need_x, need_w, need_b)
         dx = dw = db = None
+        if need_w and block > 1:  # the exact 1x1 shortcut (conv.pooled_weight_grad): no full-size x̂
+            dw = pooled_weight_grad(dy, decode(packed, lo, scale, bits, ctx.p_shape, dy.dtype), weight.to(dy.dtype),
+                                    stride, sym, extra, groups, block)
+            dw = dw.to(weight.dtype) if dw is not None else None
+        mask = (need_x, need_w and dw is None, need_b)
         if any(mask):
-            if need_w:
+            if mask[1]:
                 x_hat = unpool_blocks(decode(packed, lo, scale, bits, ctx.p_shape, dy.dtype), block, (h, w))
                 if extra != (0, 0):
                     x_hat = F.pad(x_hat, (0, extra[1], 0, extra[0]))
@@ -165,7 +169,7 @@ class CodedConv2d(torch.autograd.Function):
                 groups, mask)
             if need_x:
                 dx = (gx[..., :h, :w] if extra != (0, 0) else gx).to(ctx.x_dtype)
-            if need_w:
+            if mask[1]:
                 dw = gw.to(weight.dtype)
             if need_b:
                 db = gb.to(weight.dtype)
