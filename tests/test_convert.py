@@ -246,3 +246,27 @@ def test_model_without_convolutions_is_a_clear_error():
 def test_preset_error_suggests_close_names():
     with pytest.raises(ActcompError, match="did you mean pool4"):
         actcomp.get_preset("pol4")
+
+
+def test_ops_inside_a_compressed_op_do_not_reach_enclosing_intercepts(monkeypatch):
+    """timm's BatchNormAct2d converts as a norm whose act child converts too: the act's code (amin, amax, sub, ...)
+    must run without passing through the BatchNorm's intercept (a Python call per op otherwise)."""
+    from timm.layers import BatchNormAct2d
+
+    from actcomp import convert
+
+    seen = []
+    orig = convert._Intercept.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        seen.append(getattr(func, "__name__", str(func)))
+        return orig(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(convert._Intercept, "__torch_function__", counting)
+    m = actcomp.compress(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), BatchNormAct2d(8, act_layer=nn.SiLU)).train(),
+                         "full4")
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    m(x).sum().backward()
+    assert {"conv2d", "batch_norm", "silu"} <= set(seen)  # the three ops were intercepted and compressed
+    assert not {"amin", "amax", "sub", "div_", "avg_pool2d"} & set(seen), seen
+    assert x.grad is not None and torch.isfinite(x.grad).all()
