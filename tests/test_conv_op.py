@@ -154,8 +154,7 @@ def test_pointwise_shortcut_equals_the_upsampled_weight_gradient(stride, groups,
     else:  # bf16: both sum in fp32 inside the kernels, but round inputs/outputs to 8 bits of mantissa
         assert ((w.grad.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
     assert xx.grad is not None and xx.grad.shape == x.shape
-    shortcut = conv_mod.pooled_weight_grad(dy, pool_blocks(x, block), w.detach(), (stride, stride), (0, 0), (0, 0),
-                                           groups, block)
+    shortcut = conv_mod.pointwise_factor(w.shape, (stride, stride), (0, 0), (0, 0), block)
     assert (shortcut is None) == (block % stride != 0)
 
 
@@ -203,7 +202,7 @@ def test_pool_blocks_2x2_is_bitwise_avg_pool2d(shape, dtype, layout):
     w = torch.randn(3, shape[1], 1, 1, dtype=dtype)
     # the same sum inside the pointwise shortcut (stride 1, block 2): dW = sum_pool(dy) against p
     dw = conv_mod.pooled_weight_grad(x[:, :3] if shape[1] >= 3 else x, ref[:, : min(3, shape[1])],
-                                     w[: min(3, shape[1]), : min(3, shape[1])], (1, 1), (0, 0), (0, 0), 1, 2)
+                                     w[: min(3, shape[1]), : min(3, shape[1])], 1, (2, 2))
     ref_dw = torch.ops.aten.convolution_backward(
         dy_sum[:, : min(3, shape[1])], ref[:, : min(3, shape[1])], w[: min(3, shape[1]), : min(3, shape[1])], None,
         [1, 1], [0, 0], [1, 1], False, [0, 0], 1, (False, True, False))[1]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from .conv import pool_blocks, pooled_weight_grad, resolve_padding, unpool_blocks
+from .conv import pointwise_factor, pool_blocks, pooled_weight_grad, resolve_padding, unpool_blocks
 
 __all__ = ["BITS", "CodedConv2d", "code_groups", "coded_nbytes", "decode", "encode", "pack_codes", "unpack_codes"]
 
@@ -150,10 +150,10 @@ class CodedConv2d(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         dx = dw = db = None
-        if need_w and block > 1:  # the exact 1x1 shortcut (conv.pooled_weight_grad): no full-size x̂
-            dw = pooled_weight_grad(dy, decode(packed, lo, scale, bits, ctx.p_shape, dy.dtype), weight.to(dy.dtype),
-                                    stride, sym, extra, groups, block)
-            dw = dw.to(weight.dtype) if dw is not None else None
+        f = pointwise_factor(weight.shape, stride, sym, extra, block)
+        if need_w and f is not None:  # the exact 1x1 shortcut (conv.pooled_weight_grad): no full-size x̂
+            x_low = decode(packed, lo, scale, bits, ctx.p_shape, dy.dtype)
+            dw = pooled_weight_grad(dy, x_low, weight.to(dy.dtype), groups, f).to(weight.dtype)
         mask = (need_x, need_w and dw is None, need_b)
         if any(mask):
             if mask[1]:

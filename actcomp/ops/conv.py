@@ -31,11 +31,7 @@ def pool_blocks(x: torch.Tensor, block: int, mode: str = "avg") -> torch.Tensor:
     """Non-overlapping block pooling with partial edge blocks (true-count averages)."""
     if mode == "avg":
         if block == 2 and _plain_cpu_2x2(x):
-            # The four strided quarters summed into the output, in the kernel's window order (x00 + x01 + x10 +
-            # x11, then /4 as *0.25): bitwise avg_pool2d's result (tested), ~1.7x faster on CPU, whose NCHW
-            # avg_pool2d kernel is slowest at 2x2 (~5 ReLU passes). Same output allocation, no temporary.
-            out = torch.add(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
-            return out.add_(x[..., 1::2, 0::2]).add_(x[..., 1::2, 1::2]).mul_(0.25)
+            return _sum_2x2(x).mul_(0.25)  # /4 as *0.25: bitwise avg_pool2d's result (tested)
         return F.avg_pool2d(x, block, block, ceil_mode=True)
     if mode == "max":
         return F.max_pool2d(x, block, block, ceil_mode=True)
@@ -46,6 +42,13 @@ def _plain_cpu_2x2(x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
             and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0 and x.is_contiguous()
             and not torch.compiler.is_compiling())
+
+
+def _sum_2x2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 block sums of an even NCHW map: the four strided quarters added into one output in avg_pool2d's window
+    order (x00 + x01 + x10 + x11), so its bits. ~1.7x faster on CPU, whose NCHW avg_pool2d kernel is slowest at
+    2x2; the same single output allocation, no temporary."""
+    return torch.add(x[..., 0::2, 0::2], x[..., 0::2, 1::2]).add_(x[..., 1::2, 0::2]).add_(x[..., 1::2, 1::2])
 
 
 def unpool_blocks(p: torch.Tensor, block: int, size: tuple[int, int]) -> torch.Tensor:
@@ -60,26 +63,29 @@ def unpool_blocks(p: torch.Tensor, block: int, size: tuple[int, int]) -> torch.T
     return up[..., : size[0], : size[1]]
 
 
-def pooled_weight_grad(dy, p, weight, stride, sym, extra, groups, block):
-    """The weight gradient from the upsampled ``p`` without upsampling it, or None where no shortcut applies.
-
-    For a 1×1 unpadded kernel with ``block % stride == 0``: output (i, j) reads input (s·i, s·j), which lies in
-    block (i // f, j // f) with f = block / stride, so the f×f sums of dy (true edge sums: ceil mode, no padding)
-    meet ``p`` position for position.
-    """
-    if block == 1 or tuple(weight.shape[-2:]) != (1, 1) or tuple(sym) != (0, 0) or tuple(extra) != (0, 0):
+def pointwise_factor(weight_shape, stride, sym, extra, block) -> tuple[int, int] | None:
+    """f = block / stride where :func:`pooled_weight_grad` applies (1×1 unpadded kernel, stride dividing the
+    block), else None: checked before the saved input is decoded or upsampled."""
+    if block == 1 or tuple(weight_shape[-2:]) != (1, 1) or tuple(sym) != (0, 0) or tuple(extra) != (0, 0):
         return None
     if block % stride[0] or block % stride[1]:
         return None
-    f = (block // stride[0], block // stride[1])
+    return block // stride[0], block // stride[1]
+
+
+def pooled_weight_grad(dy, p, weight, groups, f):
+    """The weight gradient from the upsampled ``p`` without upsampling it, for f = :func:`pointwise_factor`.
+
+    Output (i, j) of a 1×1 conv with stride s reads input (s·i, s·j), which lies in block (i // f, j // f), so the
+    f×f sums of dy (true edge sums: ceil mode, no padding) meet ``p`` position for position: ceil(ceil(H/s)/f) =
+    ceil(H/b).
+    """
     if f == (1, 1):
         dy_sum = dy
-    elif f == (2, 2) and _plain_cpu_2x2(dy):  # the faster CPU 2x2 sum, as in pool_blocks
-        dy_sum = torch.add(dy[..., 0::2, 0::2], dy[..., 0::2, 1::2]).add_(dy[..., 1::2, 0::2]).add_(dy[..., 1::2, 1::2])
+    elif f == (2, 2) and _plain_cpu_2x2(dy):
+        dy_sum = _sum_2x2(dy)
     else:
         dy_sum = F.avg_pool2d(dy, f, f, ceil_mode=True, divisor_override=1)
-    if dy_sum.shape[-2:] != p.shape[-2:]:
-        return None
     return torch.ops.aten.convolution_backward(
         dy_sum, p, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups, (False, True, False))[1]
 
@@ -153,9 +159,9 @@ class PooledConv2d(torch.autograd.Function):
             dw = dw.to(weight.dtype) if dw is not None else None
         # Under autocast dy is bf16/fp16 while x and w are fp32: compute in dy's dtype, as the native conv did.
         weight_c = weight.to(dy.dtype)
-        if need_w and dw is None and block > 1:
-            dw = pooled_weight_grad(dy, saved.to(dy.dtype), weight_c, stride, sym, extra, groups, block)
-            dw = dw.to(weight.dtype) if dw is not None else None
+        f = pointwise_factor(weight.shape, stride, sym, extra, block)
+        if need_w and dw is None and f is not None:
+            dw = pooled_weight_grad(dy, saved.to(dy.dtype), weight_c, groups, f).to(weight.dtype)
         mask = (need_x, need_w and dw is None, need_b)
         if any(mask):
             if mask[1]:
