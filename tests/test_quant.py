@@ -128,3 +128,57 @@ def test_quantize_and_pack_trace_without_graph_breaks():
 
     explained = torch._dynamo.explain(f)(torch.randn(2, 4, 9, 9))
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def _count_fused(monkeypatch):
+    calls = []
+    fn = quant.FUSED["fn"] or torch.compile(quant._plain_quantize, dynamic=True, fullgraph=True)
+    monkeypatch.setitem(quant.FUSED, "fn", lambda r: calls.append(r.shape) or fn(r))
+    monkeypatch.setitem(quant.FUSED, "enabled", True)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,channels_last", [((4, 40, 16, 16), False), ((4, 40, 16, 16), True),
+                                                 ((64, 300, 7, 7), False),
+                                                 ((3, 200, 96), False)])
+def test_fused_quantize_bitwise_equals_chunked_path(monkeypatch, dtype, shape, channels_last):
+    calls = _count_fused(monkeypatch)
+    x = torch.randn(shape) * 3 + 1
+    x.view(-1)[::97] = 40.0  # outliers: codes across the whole range
+    x = x.to(dtype)
+    if channels_last:  # the rows are then a copy (contiguous), codes and strides as the chunked path gives
+        x = x.to(memory_format=torch.channels_last)
+    q, lo, scale = quantize_uint8(x)
+    assert calls, "the fused kernel did not run"
+    monkeypatch.setitem(quant.FUSED, "enabled", False)
+    q0, lo0, scale0 = quantize_uint8(x)
+    assert _same(q, q0) and torch.equal(lo, lo0) and torch.equal(scale, scale0)
+
+
+def test_fused_quantize_not_used_where_bits_would_differ_or_nothing_is_gained(monkeypatch):
+    calls = _count_fused(monkeypatch)
+    big = torch.randn(4, 40, 16, 16)
+    quantize_uint8(big, stochastic=True)  # the seeded torch.rand stream
+    quantize_uint8(big.to(torch.float64))
+    quantize_uint8(torch.randn(2, 4, 9, 9))  # small
+    # per-channel rows of a channels_last map are a column-major view: the chunked path keeps its strides
+    quantize_uint8(torch.randn(64, 300, 7, 7).to(memory_format=torch.channels_last))
+    _reference(monkeypatch, quantize_uint8, big)  # under compile: the model's own graph fuses it
+    assert calls == []
+    quantize_uint8(big)
+    assert calls == [(160, 256)]
+
+
+def test_fused_quantize_compile_failure_falls_back_once_with_a_warning(monkeypatch):
+    def broken(r):
+        raise RuntimeError("no C++ compiler\nfound")
+
+    monkeypatch.setitem(quant.FUSED, "fn", broken)
+    monkeypatch.setitem(quant.FUSED, "enabled", True)
+    x = torch.randn(4, 40, 16, 16)
+    with pytest.warns(RuntimeWarning, match="fused quantize disabled.*no C\\+\\+ compiler found"):
+        q, lo, scale = quantize_uint8(x)
+    assert quant.FUSED["enabled"] is False
+    q0, lo0, scale0 = quantize_uint8(x)
+    assert torch.equal(q, q0) and torch.equal(lo, lo0) and torch.equal(scale, scale0)
