@@ -132,7 +132,7 @@ def test_quantize_and_pack_trace_without_graph_breaks():
 
 def _count_fused(monkeypatch):
     calls = []
-    fn = quant.FUSED["fn"] or torch.compile(quant._plain_quantize, dynamic=True, fullgraph=True)
+    fn = quant.compiled_quantize()
     monkeypatch.setitem(quant.FUSED, "fn", lambda r: calls.append(r.shape) or fn(r))
     monkeypatch.setitem(quant.FUSED, "enabled", True)
     return calls

@@ -162,7 +162,7 @@ def _plain_quantize(r: torch.Tensor):
 # cannot compile (no C++ compiler). Stochastic rounding stays on the chunked path: torch.rand's stream there is
 # what makes a seeded run reproducible, and Inductor draws its own numbers. CUDA stays eager too (untested
 # Triton division rounding; its chunks are already one kernel launch per op). Dequantize stays chunked: the
-# compiled uint8 -> fp32 loop measured slower (5.8 vs 3.4 ms for 6.3M elements).
+# compiled uint8 -> fp32 loop measured slower (ad hoc: 5.8 vs 3.4 ms for 6.3M fp32 elements).
 FUSED = {"enabled": os.environ.get("ACTCOMP_FUSED", "1") != "0", "fn": None}
 FUSED_MIN_ELEMENTS = 1 << 14  # below this the compiled call's guard overhead outweighs the passes it saves
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -177,13 +177,19 @@ def _fused_ok(r: torch.Tensor) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled())
 
 
-def _fused_quantize(r: torch.Tensor):
-    """``_plain_quantize(r)`` compiled (None if it cannot be: then the chunked path runs)."""
+def compiled_quantize():
+    """``_plain_quantize`` under ``torch.compile``, built once per process (compiled at its first call)."""
     if FUSED["fn"] is None:
         FUSED["fn"] = torch.compile(_plain_quantize, dynamic=True, fullgraph=True)
+    return FUSED["fn"]
+
+
+def _fused_quantize(r: torch.Tensor):
+    """``_plain_quantize(r)`` compiled (None if it cannot be: then the chunked path runs)."""
+    fn = compiled_quantize()
     try:
         with torch.no_grad():
-            return FUSED["fn"](r)
+            return fn(r)
     except Exception as e:  # noqa: BLE001 - any compile failure: fall back for the rest of the process
         FUSED["enabled"] = False
         msg = " ".join(str(e).split())[:200]
@@ -199,6 +205,9 @@ def quantize_uint8(x: torch.Tensor, stochastic: bool = False):
     Stochastic rounding makes the code unbiased (E[x̂] = x) at up to one step of error.
     """
     r = _rows(x.detach())
+    if not stochastic and torch.compiler.is_compiling():
+        q, lo, scale = _plain_quantize(r)  # the model's own graph fuses it
+        return _unrows(q, x.shape), lo, scale
     if not stochastic and _fused_ok(r):
         fused = _fused_quantize(r)
         if fused is not None:
@@ -212,9 +221,10 @@ def quantize_uint8(x: torch.Tensor, stochastic: bool = False):
     lo, hi = lo.float(), hi.float()
     scale = ((hi - lo) / 255.0).clamp_min(1e-12)
     if torch.compiler.is_compiling():
-        # One expression: Inductor fuses it into a single loop/kernel with no full-size temporary.
+        # Stochastic rounding as one expression: Inductor fuses it into a single loop/kernel with no full-size
+        # temporary (deterministic rounding: _plain_quantize above).
         v = (r.float() - lo) / scale
-        v = (v + torch.rand_like(v)).floor() if stochastic else v.round()
+        v = (v + torch.rand_like(v)).floor()
         return _unrows(v.clamp(0, 255).to(torch.uint8), x.shape), lo, scale
     q = _elementwise_out(r, torch.uint8)
     qm, rm, lom, scm = _memory_order(q, r, lo.expand(r.shape), scale.expand(r.shape))
