@@ -97,7 +97,7 @@ def test_every_preset_compiled_matches_eager(preset):
     assert max(rel.values()) == 0.0, max(rel.items(), key=lambda kv: kv[1])
 
 
-@pytest.mark.parametrize("name,preset", [("test_resnet", "full2"), ("test_resnet", "ckpt"),
+@pytest.mark.parametrize("name,preset", [("test_resnet", "full2"), ("test_resnet", "ckpt"), ("test_resnet", "pool4"),
                                          ("test_efficientnet", "full4")])
 def test_timm_families_compiled_match_eager_without_graph_breaks(name, preset):
     # test_resnet: timm's deep stem (three convs, BN + in-place ReLU in an nn.Sequential), max-pool, basic blocks;
@@ -110,6 +110,37 @@ def test_timm_families_compiled_match_eager_without_graph_breaks(name, preset):
     # torch._C._current_graph_task_id(), an op dynamo cannot trace.
     if preset != "ckpt":
         assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def _forward_graph_targets(model, x):
+    """Targets of the call_function nodes in the AOTAutograd forward graph(s) of ``torch.compile(model)``."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    seen = []
+
+    def fw(gm, _):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=aot_autograd(fw_compiler=fw, bw_compiler=lambda gm, _: make_boxed_func(gm.forward)))(
+        x).sum().backward()
+    return seen
+
+
+@pytest.mark.parametrize("preset,packed", [("pool4", 2), ("authors_b1", 2), ("full4", 2), ("none", 0), ("int8", 0)])
+def test_compiled_relu_masks_are_packed_bits_eager_stays_native(preset, packed):
+    # Once the next conv saves a pooled copy, the partitioner would save each ReLU's bool mask, which Inductor's CPU
+    # code writes slowly; conv-compressing presets save packed bits there under compile (exact: the test above).
+    m = actcomp.compress(_stem(), preset).train()
+    assert _forward_graph_targets(m, torch.randn(2, 3, 8, 8)).count("actcomp.region_bits.default") == packed
+    if not PRESETS[preset].compresses_convs or PRESETS[preset].relu != "none":
+        return
+    assert m[2]._actcomp.compiled_only
+    y = m[:3](torch.randn(2, 3, 8, 8))  # eager: the native in-place ReLU, and nothing recorded or converted
+    assert type(y.grad_fn).__name__ == "ReluBackward0"
+    assert not (actcomp.summary(m, torch.randn(2, 3, 8, 8)).op == "relu").any()
 
 
 def test_inductor_full4_within_tolerance():
