@@ -70,7 +70,9 @@ class _GraphBreak(nn.Module):
 
 
 ACTS = {"relu": lambda: nn.ReLU(inplace=True), "relu6": lambda: nn.ReLU6(inplace=True),
-        "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=True)}
+        "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=True),
+        # A negative slope flips the output's sign: the mask comes from the input then, not the output.
+        "leaky_relu_negative_slope": lambda: nn.LeakyReLU(-0.5)}
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -79,6 +81,23 @@ def test_inplace_bitmask_activation_on_a_graph_input_matches_eager(act):
     fwd, rel = _compare(m, {"relu": "bitmask", "name": "mask_only"}, torch.randn(2, 3, 8, 8))
     assert fwd == 0.0
     assert max(rel.values()) == 0.0, rel
+
+
+@pytest.mark.parametrize("shape,layout", [((2, 16, 5, 7), "nchw"), ((2, 16, 5, 7), "nhwc"), ((2, 24, 1, 1), "nhwc"),
+                                          ((2, 32, 6, 6), "slice"), ((2, 12, 3, 3), "nchw"), ((5, 37), "nchw")])
+@pytest.mark.parametrize("lo,hi", [(0.0, None), (0.0, 6.0), (-1.0, 1.0)])
+def test_region_bits_round_trips_in_every_layout(shape, layout, lo, hi):
+    # The op behind the compiled masks: channel-packed for NCHW shapes with C % 8 == 0 (same bytes as the flat
+    # packing), flat otherwise; exactly the fake's strides (compiled code views the result by them).
+    from actcomp.ops.mask import _region, _unpack, region_bits
+    x = torch.randn(shape) * 3
+    x = {"nhwc": lambda t: t.contiguous(memory_format=torch.channels_last), "slice": lambda t: t[:, ::2],
+         "nchw": lambda t: t}[layout](x)
+    bits = region_bits(x, lo, hi)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-x.numel() // 8)
+    assert bits.is_contiguous() and bits.stride() == torch.empty(bits.shape).stride()
+    assert bits.dim() == (4 if len(shape) == 4 and x.shape[1] % 8 == 0 else 1)
+    assert torch.equal(_unpack(bits, x.shape, torch.bool), _region(x, lo, hi))
 
 
 def _tiny():

@@ -12,14 +12,19 @@ function's backward and the gradient skips the mask. A plain ``copy_`` is functi
 Under ``torch.compile`` the mask is packed by an opaque custom op (:func:`region_bits`, the eager kernels). Traced
 as plain ops, Inductor's partitioner either saves the comparison as a bool tensor, whose stores Inductor's CPU code
 writes about 10x slower than a ReLU, or recomputes compare + pack + unpack inside the backward kernels; the opaque
-op is saved as it is.
+op is saved as it is. There it reads the activation's *output* (the same region for every slope >= 0), which the
+next layer needs anyway, in whatever layout Inductor chose (``flexible_layout``), and packs 8 channels per byte:
+no extra full-size copy in forward, and under channels_last the backward's unpack reads one byte for 8
+consecutive elements. Same bytes as the flat packing.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from .quant import pack_bits, unpack_bits
+from .quant import _PACK_MAGIC, pack_bits, unpack_bits
 
 
 def _region(x: torch.Tensor, lo: float, hi: float | None) -> torch.Tensor:
@@ -27,15 +32,53 @@ def _region(x: torch.Tensor, lo: float, hi: float | None) -> torch.Tensor:
     return x > lo if hi is None else (x > lo) & (x < hi)
 
 
-@torch.library.custom_op("actcomp::region_bits", mutates_args=())
+def _channel_packed(shape) -> bool:
+    """Whether region_bits packs this shape along channels: NCHW with whole bytes of channels."""
+    return len(shape) == 4 and shape[1] % 8 == 0
+
+
+@torch.library.custom_op("actcomp::region_bits", mutates_args=(), tags=(torch._C.Tag.flexible_layout,))
 def region_bits(x: torch.Tensor, lo: float, hi: float | None) -> torch.Tensor:
-    """pack_bits(lo < x (< hi)): one op the compiler cannot split (see the module docstring)."""
-    return pack_bits(_region(x, lo, hi))
+    """lo < x (< hi) packed into bits: one op the compiler cannot split (see the module docstring).
+
+    NCHW with C % 8 == 0: (N, C/8, H, W), bit j of channel byte k is channel 8k + j. Otherwise the flat
+    :func:`pack_bits` layout."""
+    if not _channel_packed(x.shape):
+        return pack_bits(_region(x, lo, hi))
+    n, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and sys.byteorder == "little":
+        # NHWC in memory: 8 consecutive channels are 8 consecutive bytes, one int64 multiply packs them.
+        r = _region(x.permute(0, 2, 3, 1), lo, hi).reshape(-1)  # a view: the permute is dense
+        packed = ((r.view(torch.int64) * _PACK_MAGIC) >> 56).to(torch.uint8)
+        return _as_fake(packed.view(n, h, w, c // 8).permute(0, 3, 1, 2))
+    r = _region(x, lo, hi).reshape(n, c // 8, 8, h, w).to(torch.uint8) << _channel_shifts(x.device)
+    return _as_fake(r.sum(2, dtype=torch.uint8))
+
+
+def _as_fake(t: torch.Tensor) -> torch.Tensor:
+    # Exactly the fake's (standard contiguous) strides: compiled code views the result by them. .contiguous()
+    # can keep odd strides on size-1 dims (H = W = 1), a clone in contiguous_format does not.
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 @region_bits.register_fake
 def _(x, lo, hi):
+    if _channel_packed(x.shape):
+        n, c, h, w = x.shape
+        return x.new_empty((n, c // 8, h, w), dtype=torch.uint8)
     return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+def _channel_shifts(device) -> torch.Tensor:
+    return torch.arange(8, device=device, dtype=torch.uint8).view(1, 1, 8, 1, 1)
+
+
+def _unpack(mask: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """The region as ``dtype`` 0/1 (or bool) of ``shape``, from either packing."""
+    if mask.dim() == 4:  # region_bits' channel packing
+        n, c8, h, w = mask.shape
+        return ((mask.unsqueeze(2) >> _channel_shifts(mask.device)) & 1).reshape(n, c8 * 8, h, w).to(dtype)
+    return unpack_bits(mask, shape, dtype)
 
 
 class MaskedActivation(torch.autograd.Function):
@@ -44,9 +87,13 @@ class MaskedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fn, lo, hi, slope, inplace, name):
         # lo < x < hi: where the gradient passes unchanged; elsewhere it is multiplied by slope.
-        mask = region_bits(x, lo, hi) if torch.compiler.is_compiling() else pack_bits(_region(x, lo, hi))
         ctx.shape, ctx.slope, ctx.actcomp_name, ctx.kind = x.shape, slope, name, "activation"
-        ctx.save_for_backward(mask)
+        if torch.compiler.is_compiling():  # out of place here (see _apply)
+            y = fn(x, False)
+            # For slope >= 0 the output is in the open region exactly where the input is (clamp, or sign kept).
+            ctx.save_for_backward(region_bits(y if slope >= 0 else x, lo, hi))
+            return y
+        ctx.save_for_backward(pack_bits(_region(x, lo, hi)))
         if inplace:
             fn(x, True)
             ctx.mark_dirty(x)
@@ -60,9 +107,9 @@ class MaskedActivation(torch.autograd.Function):
             # The mask as 0/1 in dy's dtype: one dtype, no casting loop. dy * 1 == dy and dy * 0 == ±0 bitwise,
             # as the bool-mask product gave. In place (one allocation) when that keeps dy's layout (a later
             # BatchNorm backward sums in layout order: channels_last must stay channels_last).
-            m = unpack_bits(mask, ctx.shape, dy.dtype)
+            m = _unpack(mask, ctx.shape, dy.dtype)
             return (m.mul_(dy) if dy.is_contiguous() else dy * m), None, None, None, None, None, None
-        m = unpack_bits(mask, ctx.shape)
+        m = _unpack(mask, ctx.shape, torch.bool)
         if ctx.slope == 0.0:
             dx = dy * m
         else:
