@@ -266,3 +266,20 @@ def test_fig8_error_bars_and_compiled_bars(tmp_path):
     assert "interquartile range over blocks" in ax.get_title()
     assert ax.get_ylim()[1] >= 1.47 + 0.1
     plt.close(fig)
+
+
+def test_fig8_point_measured_twice_shows_the_run_with_more_blocks(tmp_path):
+    from benchmarks.plots.data import Results
+    from benchmarks.plots.speed import fig8_speed
+    from benchmarks.plots.style import pyplot
+
+    plt = pyplot()
+    R = tmp_path / "results"
+    # The 5-block run first in the file, so that keeping the last row would pick the 3-block one.
+    rows = [{"model.name": "resnet50", "compression.name": "pool4", "ratio_to_none": r, "ratio_q25": r - 0.01,
+             "ratio_q75": r + 0.01, "blocks": b, "blocks_run": b, "compile": True} for r, b in [(1.01, 5), (0.92, 3)]]
+    _speed_csv(R / "speed" / "speed_compiled.csv", rows)
+    fig = fig8_speed(Results(R), plt)
+    heights = [round(p.get_height(), 6) for p in fig.axes[0].patches if p.get_height() > 0]
+    assert heights == [1.01]
+    plt.close(fig)

@@ -45,6 +45,10 @@ def fig8_speed(R: Results, plt):
     df["mode"] = ["compiled" if _compiled(v) else "eager" for v in df.get("compile", pd.Series(False, df.index))]
     for c in ("ratio_q25", "ratio_q75"):
         df[c] = pd.to_numeric(df[c], errors="coerce") if c in df else np.nan
+    # A point measured twice (e.g. 3 and 5 blocks): the bar is the run with the most blocks, the better estimate.
+    bcol = "blocks_run" if "blocks_run" in df else "blocks" if "blocks" in df else None
+    if bcol:
+        df = df.assign(_b=pd.to_numeric(df[bcol], errors="coerce").fillna(0)).sort_values("_b", kind="stable")
     df = df.drop_duplicates(subset=["series", "mode", "preset"], keep="last")
     presets = sort_presets(df["preset"])
     ser = list(dict.fromkeys(df["series"]))  # colour: model and setting
@@ -93,7 +97,6 @@ def fig8_speed(R: Results, plt):
             t.set_fontweight("bold")
     ax.set_ylabel("training-step time / native step time")
     iters = sorted({int(i) for i in df["iters"].dropna()}) if "iters" in df else []
-    bcol = "blocks_run" if "blocks_run" in df else "blocks" if "blocks" in df else None
     blocks = sorted({int(b) for b in pd.to_numeric(df[bcol], errors="coerce").dropna()}) if bcol else []
     steps = f"{'/'.join(map(str, iters))} interleaved steps" if iters else "interleaved steps"
     if blocks and df["ratio_q25"].notna().any():
