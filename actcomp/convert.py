@@ -186,6 +186,19 @@ _MASK_ACTS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.r
 _INPLACE_METHODS = {torch.relu_, torch.Tensor.relu_}
 
 
+# torch lists F.hardswish and F.hardsigmoid among the functions __torch_function__ cannot override
+# (torch.overrides.get_ignored_functions), although their bodies dispatch it in eager; Dynamo trusts that list, so
+# under torch.compile no mode saw them: compiled models kept those activations' inputs whole while eager coded
+# them (and the gradients differed). Added to Dynamo's set when a model with converted activations is made.
+_DYNAMO_HIDDEN_ACTS = (F.hardswish, F.hardsigmoid)
+
+
+def _let_dynamo_dispatch_acts() -> None:
+    from torch._dynamo.variables.torch import get_overridable_functions
+
+    get_overridable_functions().update(_DYNAMO_HIDDEN_ACTS)  # a cached set: every later trace sees them
+
+
 def _on_cpu(args) -> bool:
     return bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
 
@@ -378,6 +391,8 @@ def compress(model: nn.Module, spec: str | CompressionConfig | Mapping = "none",
 
 
 def _convert(model: nn.Module, todo, cfg: CompressionConfig) -> None:
+    if any(s.kind == "act" for _, _, s in todo):
+        _let_dynamo_dispatch_acts()
     for _, m, s in todo:
         m._actcomp = s
         m.__class__ = _compressed_class(type(m))
