@@ -57,6 +57,8 @@ class ModuleSpec:
     block: int = 1
     bits: int | None = None  # conv input coded at this many bits (actcomp.ops.code); None: uncoded
     compiled_only: bool = False  # an activation converted only under torch.compile on CPU (see _compiled_masks)
+    act: ModuleSpec | None = None  # a norm's activation child, routed by the norm's intercept (see _act_child)
+    via_parent: bool = False  # this activation's calls are routed by its parent norm's intercept
 
 
 def _block_for(name: str, cfg: CompressionConfig) -> int:
@@ -103,6 +105,18 @@ def _compiled_masks(cfg: CompressionConfig) -> bool:
     return cfg.relu == "none" and cfg.compresses_convs
 
 
+def _act_child(m: nn.Module, specs: dict) -> ModuleSpec | None:
+    """The spec of a norm module's activation child when the norm's output goes straight into it (timm's
+    BatchNormAct2d: norm, then ``drop`` = Identity, then ``act``): the norm's intercept then routes the child's
+    calls too, and a closed-form activation of the norm's output saves the norm input's code instead of its own
+    (ops.norm.output_code: no second quantize pass, 8 bytes per group instead of 1 per element)."""
+    act = m._modules.get("act")
+    if act is None or set(m._modules) - {"act", "drop"} or not isinstance(m._modules.get("drop", nn.Identity()),
+                                                                         nn.Identity):
+        return None
+    return specs.get(id(act))
+
+
 def plan(model: nn.Module, cfg: CompressionConfig) -> list[tuple[str, nn.Module, ModuleSpec]]:
     """Which modules a config converts, without touching the model."""
     out = []
@@ -116,6 +130,11 @@ def plan(model: nn.Module, cfg: CompressionConfig) -> list[tuple[str, nn.Module,
             out.append((name, m, ModuleSpec(name, kind, cfg, block, bits)))
         elif kind == "act" and _compiled_masks(cfg):
             out.append((name, m, ModuleSpec(name, kind, cfg, compiled_only=True)))
+    acts = {id(m): s for _, m, s in out if s.kind == "act"}
+    for _, m, s in out:
+        child = _act_child(m, acts) if s.kind == "norm" else None
+        if child is not None:
+            s.act, child.via_parent = child, True
     return out
 
 
@@ -160,14 +179,19 @@ def _conv(spec, args, kwargs):
                                   cfg.grad_filter, cfg.copy_b1, spec.name)
 
 
-def _norm_call(func, spec, args, kwargs):
+def _norm_call(func, spec, args, kwargs, share=False):
+    """The compressed norm's output; with ``share`` (batch_norm only) ``(y, code)``: code = y's ``(q, lo, scale)``
+    from the input's code, or None where there is none (ops.norm.output_code)."""
     sr = spec.cfg.stochastic_rounding
     if func is F.batch_norm:
         x, rm, rv, w, b, training, momentum, eps = _bind(
             args, kwargs, ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"],
             dict(weight=None, bias=None, training=False, momentum=0.1, eps=1e-5))
         _record(spec, func.__name__, x.shape, _nbytes(x), ops.quantized_nbytes(x.shape))
-        return ops.batch_norm(x, rm, rv, w, b, training, momentum, eps, sr, spec.name)
+        if not share:
+            return ops.batch_norm(x, rm, rv, w, b, training, momentum, eps, sr, spec.name)
+        y, *code = ops.batch_norm(x, rm, rv, w, b, training, momentum, eps, sr, spec.name, share=True)
+        return y, (tuple(code) if code[1].numel() else None)
     if func is F.layer_norm:
         x, shape, w, b, eps = _bind(args, kwargs, ["input", "normalized_shape", "weight", "bias", "eps"],
                                     dict(weight=None, bias=None, eps=1e-5))
@@ -203,7 +227,9 @@ def _on_cpu(args) -> bool:
     return bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
 
 
-def _act_call(func, spec, args, kwargs):
+def _act_call(func, spec, args, kwargs, code=None):
+    """The compressed activation; ``code``: x's ``(q, lo, scale)`` shared by the norm that produced x (used by the
+    closed-form activations; the others ignore it)."""
     x = args[0]
     cfg = spec.cfg
     if func in _MASK_ACTS:  # relu="bitmask", or a native one under compile (_compiled_masks)
@@ -225,10 +251,13 @@ def _act_call(func, spec, args, kwargs):
         # In-place variants run out of place: callers use the returned tensor (x = act(x)).
         kw = {k: v for k, v in kwargs.items() if k != "inplace"}
         rest = tuple(a for a in args[1:] if not isinstance(a, bool))
-        _record(spec, getattr(func, "__name__", "act"), x.shape, _nbytes(x), ops.quantized_nbytes(x.shape))
         closed = _closed_form_act(func, rest, kw)
+        shared = closed is not None and code is not None
+        _record(spec, getattr(func, "__name__", "act"), x.shape, _nbytes(x),
+                8 * code[1].numel() if shared else ops.quantized_nbytes(x.shape),
+                "code shared with the norm input" if shared else "")
         if closed is not None:
-            return ops.activation(closed[0], x, closed[1], cfg.stochastic_rounding, spec.name)
+            return ops.activation(closed[0], x, closed[1], cfg.stochastic_rounding, spec.name, code)
         plain = {torch.Tensor.sigmoid_: torch.sigmoid}.get(func, func)
 
         def fn(x_):
@@ -263,6 +292,7 @@ class _Intercept(TorchFunctionMode):
     def __init__(self, spec: ModuleSpec):
         super().__init__()
         self.spec = spec
+        self.shared = None  # (y, code): the last batch-norm output of this forward and its code (spec.act only)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -277,43 +307,58 @@ class _Intercept(TorchFunctionMode):
             return self._route(func, args, kwargs)
 
     def _ours(self, func, args, kwargs) -> bool:
-        kind = self.spec.kind
-        if kind == "conv":
-            return func is F.conv2d
-        if kind == "norm":
-            return func in (F.batch_norm, F.layer_norm, F.group_norm)
-        if kind == "act":
-            cfg = self.spec.cfg
-            if func in _MASK_ACTS and cfg.relu == "none":
-                return _compiled_masks(cfg) and torch.compiler.is_compiling() and _on_cpu(args)
-            return (func in _MASK_ACTS and cfg.relu == "bitmask") or (func in _VALUE_ACTS and cfg.act == "int8")
-        if kind == "pool":
-            return func is F.max_pool2d and not kwargs.get("return_indices", False)
-        if kind == "linear":
-            return func is F.linear
-        return kind == "se" and func in _MUL_FUNCS and len(args) == 2 and _scale_operands(*args)[0] is not None
+        return _handles(self.spec, func, args, kwargs) or (
+            self.spec.act is not None and _handles(self.spec.act, func, args, kwargs))
 
     def _route(self, func, args, kwargs):
-        kind = self.spec.kind
-        if kind == "conv":
-            return _conv(self.spec, args, kwargs)
+        spec = self.spec
+        if spec.act is not None and _handles(spec.act, func, args, kwargs):
+            # the norm's activation child; its input is normally the output of the norm just before it
+            shared, self.shared = self.shared, None
+            code = shared[1] if shared is not None and args and args[0] is shared[0] else None
+            return _act_call(func, spec.act, args, kwargs, code)
+        kind = spec.kind
         if kind == "norm":
-            return _norm_call(func, self.spec, args, kwargs)
+            if spec.act is None or func is not F.batch_norm:
+                return _norm_call(func, spec, args, kwargs)
+            self.shared = _norm_call(func, spec, args, kwargs, share=True)
+            return self.shared[0]
+        if kind == "conv":
+            return _conv(spec, args, kwargs)
         if kind == "act":
-            return _act_call(func, self.spec, args, kwargs)
+            return _act_call(func, spec, args, kwargs)
         if kind == "pool":
             x, k, s, p, d, ceil = _bind(args, kwargs, ["input", "kernel_size", "stride", "padding", "dilation",
                                                       "ceil_mode"], dict(stride=None, padding=0, dilation=1,
                                                                          ceil_mode=False))
-            _record(self.spec, "max_pool2d", x.shape, _nbytes(x), 0)
-            return ops.max_pool2d(x, k, s, p, d, ceil, self.spec.name)
+            _record(spec, "max_pool2d", x.shape, _nbytes(x), 0)
+            return ops.max_pool2d(x, k, s, p, d, ceil, spec.name)
         if kind == "linear":
             x, w, b = _bind(args, kwargs, ["input", "weight", "bias"], dict(bias=None))
-            _record(self.spec, "linear", x.shape, _nbytes(x), ops.quantized_nbytes(x.shape))
-            return ops.Int8Linear.apply(x, w, b, self.spec.cfg.stochastic_rounding, self.spec.name)
+            _record(spec, "linear", x.shape, _nbytes(x), ops.quantized_nbytes(x.shape))
+            return ops.Int8Linear.apply(x, w, b, spec.cfg.stochastic_rounding, spec.name)
         big, small = _scale_operands(*args)
-        _record(self.spec, "mul", big.shape, _nbytes(big), ops.quantized_nbytes(big.shape))
-        return ops.Int8ScaleMul.apply(big, small, self.spec.cfg.stochastic_rounding, self.spec.name)
+        _record(spec, "mul", big.shape, _nbytes(big), ops.quantized_nbytes(big.shape))
+        return ops.Int8ScaleMul.apply(big, small, spec.cfg.stochastic_rounding, spec.name)
+
+
+def _handles(spec: ModuleSpec, func, args, kwargs) -> bool:
+    """Whether a call is one that a module of this spec compresses."""
+    kind = spec.kind
+    if kind == "conv":
+        return func is F.conv2d
+    if kind == "norm":
+        return func in (F.batch_norm, F.layer_norm, F.group_norm)
+    if kind == "act":
+        cfg = spec.cfg
+        if func in _MASK_ACTS and cfg.relu == "none":
+            return _compiled_masks(cfg) and torch.compiler.is_compiling() and _on_cpu(args)
+        return (func in _MASK_ACTS and cfg.relu == "bitmask") or (func in _VALUE_ACTS and cfg.act == "int8")
+    if kind == "pool":
+        return func is F.max_pool2d and not kwargs.get("return_indices", False)
+    if kind == "linear":
+        return func is F.linear
+    return kind == "se" and func in _MUL_FUNCS and len(args) == 2 and _scale_operands(*args)[0] is not None
 
 
 def _scale_operands(a, b):
@@ -330,10 +375,11 @@ class _Compressed:
     """Mixin placed in front of the module's own class."""
 
     def forward(self, *args, **kwargs):
-        if not (self.training and torch.is_grad_enabled()) or (
-                self._actcomp.compiled_only and not torch.compiler.is_compiling()):
+        spec = self._actcomp
+        if spec.via_parent or not (self.training and torch.is_grad_enabled()) or (
+                spec.compiled_only and not torch.compiler.is_compiling()):
             return super().forward(*args, **kwargs)
-        with _Intercept(self._actcomp):
+        with _Intercept(spec):
             return super().forward(*args, **kwargs)
 
 

@@ -21,14 +21,20 @@ positions) — rows of very different scale share one code and the small ones lo
 input-gradient error 16–17× the gradient's norm on rows spread over 10⁻²..10², 0.2–0.3% at equal scales); coding x̂ would fix it for 4 bytes a row.
 |x − x̃| <= (max − min)/510 per code group. BatchNorm in eval mode (running statistics) uses them in backward,
 read when backward runs, as autograd of the native op would.
+
+Shared code (BatchNorm in training mode, NCHW maps, ``share=True``): the output is y = a·x + c per channel
+(a = γ·rstd, c = β − mean·a, from the forward statistics), so the input's code is also a code of the output,
+ỹ = (a·lo + c) + q·(a·scale) per code group, with |y − ỹ| <= |a|·scale/2 — the same bound as a code of y made
+directly (its range is |a| times x's). The activation after the norm (timm's BatchNormAct2d) saves that: the
+same uint8 tensor and 8 bytes per group, no second quantize pass (:func:`output_code`).
 """
 from __future__ import annotations
 
 import torch
 
-from .quant import dequantize_uint8, quantize_uint8
+from .quant import dequantize_uint8, group_shape, quantize_uint8
 
-__all__ = ["ClosedFormNorm", "batch_norm", "layer_norm", "group_norm"]
+__all__ = ["ClosedFormNorm", "batch_norm", "layer_norm", "group_norm", "output_code"]
 
 _aten = torch.ops.aten
 
@@ -60,12 +66,28 @@ def _gn_backward(dy, x, groups, w, eps, mask):
     return _aten.native_group_norm_backward(dy, x, mean, _rstd(var, eps), w, n, c, hw, groups, mask)
 
 
+def output_code(shape, lo, scale, w, b, stats):
+    """(lo', scale') coding BatchNorm's output with the input's uint8 code: y = a·x + c per channel, so per code
+    group lo' = a·lo + c and scale' = a·scale (negative where γ is). Empty where there is nothing to share: no
+    forward statistics (eval mode) or not an NCHW map."""
+    if not stats or len(shape) != 4:
+        return lo[:0], scale[:0]
+    mean, rstd = stats
+    a = rstd if w is None else w.float() * rstd
+    c = -mean * a if b is None else b.float() - mean * a
+    if group_shape(shape)[0] != shape[1]:  # one group per (n, c) plane: row n*C + c (else one per channel)
+        a, c = a.repeat(shape[0]), c.repeat(shape[0])
+    return lo * a.unsqueeze(1) + c.unsqueeze(1), scale * a.unsqueeze(1)
+
+
 class ClosedFormNorm(torch.autograd.Function):
-    """``apply(op, args, stochastic, name, x, weight, bias)``; ``op``: "batch_norm" (args: running_mean,
-    running_var, training, momentum, eps), "layer_norm" (normalized_shape, eps) or "group_norm" (groups, eps)."""
+    """``apply(op, args, stochastic, name, share, x, weight, bias)``; ``op``: "batch_norm" (args: running_mean,
+    running_var, training, momentum, eps), "layer_norm" (normalized_shape, eps) or "group_norm" (groups, eps).
+    ``share``: return ``(y, q, lo', scale')``, the output's code from the input's (:func:`output_code`;
+    non-differentiable), instead of ``y``."""
 
     @staticmethod
-    def forward(ctx, op, args, stochastic, name, x, w, b):
+    def forward(ctx, op, args, stochastic, name, share, x, w, b):
         stats = ()
         if op == "batch_norm":
             rm, rv, training, momentum, eps = args
@@ -83,15 +105,19 @@ class ClosedFormNorm(torch.autograd.Function):
         q, lo, scale = quantize_uint8(x, stochastic)
         ctx.op, ctx.args, ctx.dtype, ctx.kind, ctx.actcomp_name = op, args, x.dtype, "norm input", name
         ctx.save_for_backward(q, lo, scale, w, b, *stats)
-        return y
+        if not share:
+            return y
+        lo2, scale2 = output_code(x.shape, lo, scale, w, b, stats)
+        ctx.mark_non_differentiable(q, lo2, scale2)
+        return y, q, lo2, scale2
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, *_):
         q, lo, scale, w, b, *stats = ctx.saved_tensors
-        need = ctx.needs_input_grad[4:]
+        need = ctx.needs_input_grad[5:]
         mask = [need[0], need[1] and w is not None, need[2] and b is not None]
         if not any(mask):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         x = dequantize_uint8(q, lo, scale, ctx.dtype)
         # autocast is off in backward: dy may be fp32 while x is bf16/fp16 (and vice versa)
         dy = dy.to(x.dtype)
@@ -102,22 +128,24 @@ class ClosedFormNorm(torch.autograd.Function):
             dx, dw, db = _ln_backward(dy, x, list(ctx.args[0]), w, b, ctx.args[1], mask)
         else:
             dx, dw, db = _gn_backward(dy, x, ctx.args[0], w, ctx.args[1], mask)
-        return (None, None, None, None, dx if mask[0] else None, dw if mask[1] else None,
+        return (None, None, None, None, None, dx if mask[0] else None, dw if mask[1] else None,
                 db if mask[2] else None)
 
 
-def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, stochastic=False, name=""):
-    """``F.batch_norm`` exactly; backward in closed form at the uint8-coded input."""
+def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, stochastic=False, name="",
+               share=False):
+    """``F.batch_norm`` exactly; backward in closed form at the uint8-coded input. ``share``: return
+    ``(y, q, lo', scale')``, y's code from x's (lo'/scale' empty where there is none, see :func:`output_code`)."""
     return ClosedFormNorm.apply("batch_norm", (running_mean, running_var, training, momentum, eps), stochastic,
-                                name, x, weight, bias)
+                                name, share, x, weight, bias)
 
 
 def layer_norm(x, normalized_shape, weight, bias, eps, stochastic=False, name=""):
     """``F.layer_norm`` exactly; backward in closed form at the uint8-coded input."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    return ClosedFormNorm.apply("layer_norm", (shape, eps), stochastic, name, x, weight, bias)
+    return ClosedFormNorm.apply("layer_norm", (shape, eps), stochastic, name, False, x, weight, bias)
 
 
 def group_norm(x, num_groups, weight, bias, eps, stochastic=False, name=""):
     """``F.group_norm`` exactly; backward in closed form at the uint8-coded input."""
-    return ClosedFormNorm.apply("group_norm", (num_groups, eps), stochastic, name, x, weight, bias)
+    return ClosedFormNorm.apply("group_norm", (num_groups, eps), stochastic, name, False, x, weight, bias)
