@@ -55,7 +55,7 @@ def _spec(preset: str):
 
 def _elementwise_cases():
     """(op label, module factory, input shape, exact_by_design per output)."""
-    from timm.layers import LayerNorm2d, LayerScale2d, SqueezeExcite
+    from timm.layers import BatchNormAct2d, LayerNorm2d, LayerScale2d, SqueezeExcite
 
     act_shape, tok_shape = (8, 16, 14, 14), (8, 49, 64)
     exact_in = {"forward": True, "input": True}
@@ -74,6 +74,12 @@ def _elementwise_cases():
         ("GroupNorm (a group per channel), uint8 + closed-form backward", lambda: nn.GroupNorm(16, 16), act_shape,
          approx),
         ("SiLU, uint8 + closed-form backward", nn.SiLU, act_shape, {"forward": True, "input": False}),
+        # A SiLU right after a BatchNorm: as two modules each codes its own input; in timm's BatchNormAct2d the
+        # SiLU saves the norm input's code mapped through the norm's affine (ops.norm.output_code).
+        ("BatchNorm2d then SiLU (two modules), separate uint8 codes",
+         lambda: nn.Sequential(nn.BatchNorm2d(16), nn.SiLU()), act_shape, {"forward": True}),
+        ("BatchNormAct2d with SiLU (timm), the SiLU's code shared with the norm input",
+         lambda: BatchNormAct2d(16, act_layer=nn.SiLU), act_shape, {"forward": True}),
         ("GELU, uint8 + closed-form backward", nn.GELU, tok_shape, {"forward": True, "input": False}),
         ("GELU (tanh approximation), uint8 + closed-form backward", lambda: nn.GELU(approximate="tanh"), tok_shape,
          {"forward": True, "input": False}),
