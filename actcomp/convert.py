@@ -114,6 +114,8 @@ def _act_child(m: nn.Module, specs: dict) -> ModuleSpec | None:
     if act is None or set(m._modules) - {"act", "drop"} or not isinstance(m._modules.get("drop", nn.Identity()),
                                                                          nn.Identity):
         return None
+    if isinstance(act, (nn.ReLU, nn.LeakyReLU, nn.Hardtanh)):  # ReLU6 too: 1-bit masks, nothing to share
+        return None
     return specs.get(id(act))
 
 

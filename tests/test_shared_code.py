@@ -147,3 +147,26 @@ def test_timm_efficientnet_shares_every_batchnorm_silu_pair():
     after_bn = silu.layer.str.endswith(".act") | (silu.layer == "bn1.act")
     assert after_bn.sum() == 33 and (silu[after_bn].note == SHARED).all()
     assert (silu[~after_bn].note != SHARED).all()  # the squeeze-excite SiLUs follow a conv
+
+
+def test_backward_makes_no_zero_gradient_for_the_shared_code():
+    # The norm returns the code as extra, non-differentiable outputs; autograd would hand backward a zero
+    # gradient for each (a full-size uint8 temporary: +14 MB on MobileNetV2's predicted peak before the fix).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ZeroCodes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if "zeros" in str(func) and out.dtype == torch.uint8:  # a zero gradient for the code
+                self.seen.append((str(func), out.numel()))
+            return out
+
+    m = actcomp.compress(_bn_act(), WHOLE_SET).train()
+    z = m(torch.randn(4, 8, 10, 10, requires_grad=True) * 1.0)
+    with ZeroCodes() as mode:
+        z.sum().backward()
+    assert not mode.seen, mode.seen

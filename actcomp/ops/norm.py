@@ -109,6 +109,8 @@ class ClosedFormNorm(torch.autograd.Function):
             return y
         lo2, scale2 = output_code(x.shape, lo, scale, w, b, stats)
         ctx.mark_non_differentiable(q, lo2, scale2)
+        # else autograd hands backward a zero gradient for each extra output: a full-size temporary for q
+        ctx.set_materialize_grads(False)
         return y, q, lo2, scale2
 
     @staticmethod
@@ -116,7 +118,7 @@ class ClosedFormNorm(torch.autograd.Function):
         q, lo, scale, w, b, *stats = ctx.saved_tensors
         need = ctx.needs_input_grad[5:]
         mask = [need[0], need[1] and w is not None, need[2] and b is not None]
-        if not any(mask):
+        if not any(mask) or dy is None:  # dy None: y's gradient is undefined (grads not materialized when shared)
             return None, None, None, None, None, None, None, None
         x = dequantize_uint8(q, lo, scale, ctx.dtype)
         # autocast is off in backward: dy may be fp32 while x is bf16/fp16 (and vice versa)
