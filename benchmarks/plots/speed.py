@@ -12,6 +12,16 @@ def _compiled(v) -> bool:
     return str(v).strip().lower() in ("true", "1", "1.0")
 
 
+def one_run_per_point(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (series, mode, preset): for a point measured twice (e.g. 3 and 5 blocks) the run with the most
+    blocks, the better estimate, and of those the newest (CSV rows are in point order, not time order)."""
+    bcol = "blocks_run" if "blocks_run" in df else "blocks" if "blocks" in df else None
+    if bcol:
+        keys = ["_b", "date"] if "date" in df else ["_b"]
+        df = df.assign(_b=pd.to_numeric(df[bcol], errors="coerce").fillna(0)).sort_values(keys, kind="stable")
+    return df.drop_duplicates(subset=["series", "mode", "preset"], keep="last")
+
+
 def fig8_speed(R: Results, plt):
     """Bars: ratio to native per preset, one colour per model/setting, eager filled and torch.compile'd hatched
     (ratios of compiled vs compiled native); error bars: the ratio's interquartile range over the interleaved
@@ -45,11 +55,8 @@ def fig8_speed(R: Results, plt):
     df["mode"] = ["compiled" if _compiled(v) else "eager" for v in df.get("compile", pd.Series(False, df.index))]
     for c in ("ratio_q25", "ratio_q75"):
         df[c] = pd.to_numeric(df[c], errors="coerce") if c in df else np.nan
-    # A point measured twice (e.g. 3 and 5 blocks): the bar is the run with the most blocks, the better estimate.
+    df = one_run_per_point(df)
     bcol = "blocks_run" if "blocks_run" in df else "blocks" if "blocks" in df else None
-    if bcol:
-        df = df.assign(_b=pd.to_numeric(df[bcol], errors="coerce").fillna(0)).sort_values("_b", kind="stable")
-    df = df.drop_duplicates(subset=["series", "mode", "preset"], keep="last")
     presets = sort_presets(df["preset"])
     ser = list(dict.fromkeys(df["series"]))  # colour: model and setting
     bars_of = [(s, m) for s in ser for m in ("eager", "compiled") if ((df["series"] == s) & (df["mode"] == m)).any()]
