@@ -207,3 +207,27 @@ def test_pool_blocks_2x2_is_bitwise_avg_pool2d(shape, dtype, layout):
         dy_sum[:, : min(3, shape[1])], ref[:, : min(3, shape[1])], w[: min(3, shape[1]), : min(3, shape[1])], None,
         [1, 1], [0, 0], [1, 1], False, [0, 0], 1, (False, True, False))[1]
     assert torch.equal(dw, ref_dw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block,divisor", [(2, None), (4, None), (2, 1), (4, 1)])
+def test_compiled_cpu_pooling_is_bitwise_avg_pool2d_where_used(monkeypatch, dtype, block, divisor):
+    """Eager CPU pooling (pool_blocks, the shortcut's dy sums) runs through an Inductor kernel on NCHW maps the
+    window divides; elsewhere ATen's. Either way avg_pool2d's bits and strides."""
+    from actcomp.ops import quant
+    monkeypatch.setitem(quant.FUSED, "enabled", True)
+    used = []
+    real = conv_mod.run_fused
+    monkeypatch.setattr(conv_mod, "run_fused", lambda fn, what, x: used.append(x.shape) or real(fn, what, x))
+    cases = {"nchw": (torch.randn(4, 32, 32, 32), True), "batch 1": (torch.randn(1, 64, 32, 32), True),
+             "odd side": (torch.randn(4, 32, 33, 32), False),
+             "channels_last": (torch.randn(4, 32, 32, 32).to(memory_format=torch.channels_last), False),
+             "small": (torch.randn(2, 8, 16, 16), False)}
+    for name, (x, compiled) in cases.items():
+        x = (x * 100).to(dtype)
+        used.clear()
+        ref = F.avg_pool2d(x, block, block, ceil_mode=True, divisor_override=divisor)
+        got = conv_mod._avg_pool(x, (block, block), divisor)
+        assert torch.equal(got, ref) and got.stride() == ref.stride(), name
+        assert bool(used) == compiled, name
+    assert quant.FUSED["enabled"]  # no compile failure and no recompile-limit hit on the way

@@ -22,17 +22,56 @@ shifts every block and mixes padding into the means; we deliberately do not copy
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
+
+from .quant import fused_allowed, run_fused
+
+# Eager CPU block pooling through an Inductor-compiled kernel: ATen's CPU avg_pool2d is slow for these
+# non-overlapping windows (4x4: ~3 ReLU passes; 2x2 worse), the compiled loop is 2.5-10x faster and bitwise the
+# same (each window summed in the same order, then divided; tests/test_conv.py) for 2x2 and 4x4 windows. Used
+# for NCHW maps whose sides the window divides: partial edge windows (8x8 ones were not bitwise) and each odd
+# side would add recompiles past Dynamo's limit. Same switch and fallback as the fused quantize
+# (ACTCOMP_FUSED=0; off by itself where Inductor cannot compile).
+_POOL_FNS: dict = {}
+FUSED_POOL_MIN_ELEMENTS = 1 << 14  # below this the compiled call's overhead outweighs the pass it saves
+
+
+def _pool_kernel(k: tuple[int, int], divisor_override):
+    def pool(t):
+        return F.avg_pool2d(t, k, k, ceil_mode=True, divisor_override=divisor_override)
+
+    # Dynamo keeps its compiled entries (and their recompile limit, 8) per code object: one per (window,
+    # divisor), so that only dtypes and edge cases share it
+    code = pool.__code__.replace(co_name=f"avg_pool_{k[0]}x{k[1]}_{divisor_override}")
+    fn = types.FunctionType(code, pool.__globals__, code.co_name, None, pool.__closure__)
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _avg_pool(x: torch.Tensor, k: tuple[int, int], divisor_override=None) -> torch.Tensor:
+    """``F.avg_pool2d(x, k, k, ceil_mode=True, divisor_override=...)``: non-overlapping windows, true-count (or
+    ``divisor_override``) edge windows."""
+    if (k in ((2, 2), (4, 4)) and fused_allowed(x) and x.dim() == 4 and x.is_contiguous()
+            and x.shape[-2] % k[0] == 0 and x.shape[-1] % k[1] == 0 and x.numel() >= FUSED_POOL_MIN_ELEMENTS):
+        key = (k, divisor_override)
+        if key not in _POOL_FNS:
+            _POOL_FNS[key] = _pool_kernel(k, divisor_override)
+        out = run_fused(_POOL_FNS[key], "pooling", x)
+        if out is not None:
+            return out
+    if k == (2, 2) and divisor_override in (None, 1) and _plain_cpu_2x2(x):
+        total = _sum_2x2(x)
+        return total if divisor_override == 1 else total.mul_(0.25)  # /4 as *0.25: avg_pool2d's bits (tested)
+    return F.avg_pool2d(x, k, k, ceil_mode=True, divisor_override=divisor_override)
 
 
 def pool_blocks(x: torch.Tensor, block: int, mode: str = "avg") -> torch.Tensor:
     """Non-overlapping block pooling with partial edge blocks (true-count averages)."""
     if mode == "avg":
-        if block == 2 and _plain_cpu_2x2(x):
-            return _sum_2x2(x).mul_(0.25)  # /4 as *0.25: bitwise avg_pool2d's result (tested)
-        return F.avg_pool2d(x, block, block, ceil_mode=True)
+        return _avg_pool(x, (block, block))
     if mode == "max":
         return F.max_pool2d(x, block, block, ceil_mode=True)
     raise ValueError(f"unknown pooling mode {mode!r}; expected 'avg' or 'max'")
@@ -80,12 +119,7 @@ def pooled_weight_grad(dy, p, weight, groups, f):
     f×f sums of dy (true edge sums: ceil mode, no padding) meet ``p`` position for position: ceil(ceil(H/s)/f) =
     ceil(H/b).
     """
-    if f == (1, 1):
-        dy_sum = dy
-    elif f == (2, 2) and _plain_cpu_2x2(dy):
-        dy_sum = _sum_2x2(dy)
-    else:
-        dy_sum = F.avg_pool2d(dy, f, f, ceil_mode=True, divisor_override=1)
+    dy_sum = dy if f == (1, 1) else _avg_pool(dy, tuple(f), divisor_override=1)
     return torch.ops.aten.convolution_backward(
         dy_sum, p, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups, (False, True, False))[1]
 

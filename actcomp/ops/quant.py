@@ -168,13 +168,19 @@ FUSED_MIN_ELEMENTS = 1 << 14  # below this the compiled call's guard overhead ou
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _fused_ok(r: torch.Tensor) -> bool:
-    return (FUSED["enabled"] and r.device.type == "cpu" and r.dtype in _FUSED_DTYPES and r.is_contiguous()
-            and r.shape[0] > 1 and r.shape[1] > 1 and r.numel() >= FUSED_MIN_ELEMENTS
+def fused_allowed(t: torch.Tensor) -> bool:
+    """Whether eager work on ``t`` may run through an Inductor-compiled CPU kernel (quantize here, pooling in
+    ``conv.py``): on, CPU, a floating dtype, not compiling already, and no mode active."""
+    return (FUSED["enabled"] and t.device.type == "cpu" and t.dtype in _FUSED_DTYPES
             and not torch.compiler.is_compiling()
             # a dispatch mode (fake tensors, memory tracking) or a live torch-function mode sees ATen ops;
             # a compiled kernel would hide them or be traced by them
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled())
+
+
+def _fused_ok(r: torch.Tensor) -> bool:
+    return (fused_allowed(r) and r.is_contiguous() and r.shape[0] > 1 and r.shape[1] > 1
+            and r.numel() >= FUSED_MIN_ELEMENTS)
 
 
 def compiled_quantize():
@@ -184,18 +190,23 @@ def compiled_quantize():
     return FUSED["fn"]
 
 
-def _fused_quantize(r: torch.Tensor):
-    """``_plain_quantize(r)`` compiled (None if it cannot be: then the chunked path runs)."""
-    fn = compiled_quantize()
+def run_fused(fn, what: str, *args):
+    """``fn(*args)``, a compiled kernel, under no_grad; None if it cannot run: then every fused kernel is off
+    for the rest of the process (one warning) and the caller takes its eager path."""
     try:
         with torch.no_grad():
-            return fn(r)
+            return fn(*args)
     except Exception as e:  # noqa: BLE001 - any compile failure: fall back for the rest of the process
         FUSED["enabled"] = False
         msg = " ".join(str(e).split())[:200]
-        warnings.warn(f"actcomp: fused quantize disabled, torch.compile failed ({type(e).__name__}: {msg}); "
-                      "using the chunked eager path", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"actcomp: fused {what} disabled, torch.compile failed ({type(e).__name__}: {msg}); "
+                      "using the eager paths", RuntimeWarning, stacklevel=4)
         return None
+
+
+def _fused_quantize(r: torch.Tensor):
+    """``_plain_quantize(r)`` compiled (None if it cannot be: then the chunked path runs)."""
+    return run_fused(compiled_quantize(), "quantize", r)
 
 
 def quantize_uint8(x: torch.Tensor, stochastic: bool = False):
