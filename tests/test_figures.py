@@ -285,8 +285,8 @@ def test_fig8_point_measured_twice_shows_the_run_with_more_blocks(tmp_path):
     plt.close(fig)
 
 
-def test_fig8_draws_the_run_with_most_blocks_then_the_newest():
+def test_fig8_draws_the_newest_run_of_a_point_then_the_one_with_more_blocks():
     from benchmarks.plots.speed import one_run_per_point
-    df = pd.DataFrame(dict(series="resnet50", mode="eager", preset=["full4"] * 4, blocks_run=[3, 5, 5, 3],
-                           date=["2026-12-04", "2026-12-07", "2026-12-04", "2026-12-08"], ratio_to_none=[1, 2, 3, 4]))
-    assert one_run_per_point(df)["ratio_to_none"].tolist() == [2]
+    df = pd.DataFrame(dict(series="resnet50", mode="eager", preset=["full4"] * 4, blocks_run=[6, 3, 5, 5],
+                           date=["2026-12-04", "2026-12-07", "2026-12-07", "2026-12-03"], ratio_to_none=[1, 2, 3, 4]))
+    assert one_run_per_point(df)["ratio_to_none"].tolist() == [3]

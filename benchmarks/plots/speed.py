@@ -13,13 +13,13 @@ def _compiled(v) -> bool:
 
 
 def one_run_per_point(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (series, mode, preset): for a point measured twice (e.g. 3 and 5 blocks) the run with the most
-    blocks, the better estimate, and of those the newest (CSV rows are in point order, not time order)."""
+    """One row per (series, mode, preset): for a point measured more than once the newest run (the code and the
+    machine as they are now; a rerun with more blocks comes after the one it refines), then the one with more
+    blocks. CSV rows are in point order, not time order."""
     bcol = "blocks_run" if "blocks_run" in df else "blocks" if "blocks" in df else None
-    if bcol:
-        keys = ["_b", "date"] if "date" in df else ["_b"]
-        df = df.assign(_b=pd.to_numeric(df[bcol], errors="coerce").fillna(0)).sort_values(keys, kind="stable")
-    return df.drop_duplicates(subset=["series", "mode", "preset"], keep="last")
+    df = df.assign(_b=pd.to_numeric(df[bcol], errors="coerce").fillna(0) if bcol else 0)
+    return df.sort_values(["date", "_b"] if "date" in df else ["_b"], kind="stable").drop_duplicates(
+        subset=["series", "mode", "preset"], keep="last")
 
 
 def fig8_speed(R: Results, plt):
