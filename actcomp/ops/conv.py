@@ -32,7 +32,7 @@ from .quant import fused_allowed, run_fused
 
 # Eager CPU block pooling through an Inductor-compiled kernel: ATen's CPU avg_pool2d is slow for these
 # non-overlapping windows (4x4: ~3 ReLU passes; 2x2 worse), the compiled loop is 2.5-10x faster and bitwise the
-# same (each window summed in the same order, then divided; tests/test_conv.py) for 2x2 and 4x4 windows. Used
+# same (each window summed in the same order, then divided; tests/test_conv_op.py) for 2x2 and 4x4 windows. Used
 # for NCHW maps whose sides the window divides: partial edge windows (8x8 ones were not bitwise) and each odd
 # side would add recompiles past Dynamo's limit. Same switch and fallback as the fused quantize
 # (ACTCOMP_FUSED=0; off by itself where Inductor cannot compile).
