@@ -101,7 +101,9 @@ def _compiled_masks(cfg: CompressionConfig) -> bool:
     Once the next conv saves a pooled copy, nothing saves the ReLU's output any more, and Inductor's partitioner
     saves a bool mask of it instead. Inductor's CPU code writes bool tensors ~10x slower than a ReLU, which made
     compiled ResNet-50 pool4 1.31x native. The packed mask (``ops.relu``) gives the same gradient, bitwise, and
-    is 8x smaller than the bool mask. Eager, and on CUDA, these activations stay native."""
+    is 8x smaller than the bool mask. One of a native norm's output saves nothing: its region is recomputed in
+    backward from the norm's saved input (the model's own mode marks norm outputs, see _NORM_OUTPUT). Eager, and on
+    CUDA, these activations stay native."""
     return cfg.relu == "none" and cfg.compresses_convs
 
 
@@ -132,6 +134,8 @@ def plan(model: nn.Module, cfg: CompressionConfig) -> list[tuple[str, nn.Module,
             out.append((name, m, ModuleSpec(name, kind, cfg, block, bits)))
         elif kind == "act" and _compiled_masks(cfg):
             out.append((name, m, ModuleSpec(name, kind, cfg, compiled_only=True)))
+    if _compiled_masks(cfg) and not any(m is model for _, m, _ in out):
+        out.insert(0, ("", model, ModuleSpec("", "root", cfg, compiled_only=True)))  # marks norm outputs (_route)
     acts = {id(m): s for _, m, s in out if s.kind == "act"}
     for _, m, s in out:
         child = _act_child(m, acts) if s.kind == "norm" else None
@@ -239,16 +243,18 @@ def _act_call(func, spec, args, kwargs, code=None):
         # An in-place call on a leaf that requires grad is an error in PyTorch too; stay out of place then.
         inplace = inplace and not (x.is_leaf and x.requires_grad)
         _record(spec, getattr(func, "__name__", "relu"), x.shape, _nbytes(x), ops.packed_bits_nbytes(x.numel()))
+        # a native activation of a native norm's untouched output, under compile: nothing to save (ops.mask)
+        recompute = spec.compiled_only and getattr(x, _NORM_OUTPUT, False) is True
         if func is F.leaky_relu:
             slope = kwargs.get("negative_slope", args[1] if len(args) > 1 and not isinstance(args[1], bool) else 0.01)
-            return ops.leaky_relu(x, slope, inplace, spec.name)
+            return ops.leaky_relu(x, slope, inplace, spec.name, recompute)
         if func is F.hardtanh or func is F.relu6:
             if func is F.relu6:
                 lo, hi = 0.0, 6.0
             else:
                 lo, hi = _bind(args[1:], kwargs, ["min_val", "max_val"], dict(min_val=-1.0, max_val=1.0))
-            return ops.hardtanh(x, lo, hi, inplace, spec.name)
-        return ops.relu(x, inplace, spec.name)
+            return ops.hardtanh(x, lo, hi, inplace, spec.name, recompute)
+        return ops.relu(x, inplace, spec.name, recompute)
     if func in _VALUE_ACTS and cfg.act == "int8":
         # In-place variants run out of place: callers use the returned tensor (x = act(x)).
         kw = {k: v for k, v in kwargs.items() if k != "inplace"}
@@ -285,6 +291,26 @@ def _closed_form_act(func, rest, kw):
     if op is not None and op not in ("gelu", "elu", "celu") and not rest and not kw:
         return op, ()
     return None
+
+
+# Under torch.compile, with activations left native (_compiled_masks): the model's own mode (kind "root") marks
+# each native norm's output with this attribute, and clears it when an op changes the tensor in place (timm's
+# ResNet blocks add the shortcut into bn3's output with +=). A marked activation input is rebuilt in backward from
+# what the norm saves anyway (ops.mask.RegionRecomputed); the mark only steers that choice, both give the same
+# gradient. Dynamo keeps tensor attributes without graph breaks.
+_NORM_OUTPUT = "_actcomp_norm_output"
+_NORM_FUNCS = (F.batch_norm, F.layer_norm, F.group_norm)
+_NOT_CHANGED = {torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.requires_grad_, torch.Tensor.retain_grad}
+
+
+def _root_call(func, args, kwargs):
+    out = func(*args, **kwargs)
+    if func in _NORM_FUNCS:
+        if isinstance(out, torch.Tensor):
+            setattr(out, _NORM_OUTPUT, True)
+    elif out is args[0] and func not in _NOT_CHANGED:
+        setattr(out, _NORM_OUTPUT, False)
+    return out
 
 
 _MUL_FUNCS = {torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.mul, torch.Tensor.mul}
@@ -327,6 +353,8 @@ class _Intercept(TorchFunctionMode):
             return self.shared[0]
         if kind == "conv":
             return _conv(spec, args, kwargs)
+        if kind == "root":
+            return _root_call(func, args, kwargs)
         if kind == "act":
             return _act_call(func, spec, args, kwargs)
         if kind == "pool":
@@ -358,6 +386,8 @@ def _handles(spec: ModuleSpec, func, args, kwargs) -> bool:
         return (func in _MASK_ACTS and cfg.relu == "bitmask") or (func in _VALUE_ACTS and cfg.act == "int8")
     if kind == "pool":
         return func is F.max_pool2d and not kwargs.get("return_indices", False)
+    if kind == "root":  # norms, and whatever a marked tensor goes through (an in-place op clears its mark)
+        return func in _NORM_FUNCS or (bool(args) and getattr(args[0], _NORM_OUTPUT, False) is True)
     if kind == "linear":
         return func is F.linear
     return kind == "se" and func in _MUL_FUNCS and len(args) == 2 and _scale_operands(*args)[0] is not None

@@ -165,18 +165,95 @@ def _forward_graph_targets(model, x):
     return seen
 
 
-@pytest.mark.parametrize("preset,packed", [("pool4", 2), ("authors_b1", 2), ("full4", 2), ("none", 0), ("int8", 0)])
+class _Residual(nn.Module):
+    """conv -> BN -> in-place ReLU -> conv -> BN, += the block input, in-place ReLU (timm's ResNet blocks)."""
+
+    def __init__(self, act=lambda: nn.ReLU(inplace=True)):
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), act()
+        self.conv2, self.bn2, self.act2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), act()
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        y += x
+        return self.act2(y)
+
+
+def _residual_net(act=lambda: nn.ReLU(inplace=True)):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Residual(act), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4))
+
+
+def _saved_by_inductor(model, x):
+    """dtype -> count of the activation-sized tensors the Inductor-compiled forward keeps for backward (masks of any
+    size: a packed one is 1/8 of its activation)."""
+    torch._dynamo.reset()
+    gf = torch.compile(model)(x).grad_fn
+    while "CompiledFunction" not in type(gf).__name__:
+        gf = gf.next_functions[0][0]
+    counts = {}
+    for t in gf.saved_tensors:
+        if t.numel() >= x.numel() or (t.dtype in (torch.bool, torch.uint8) and t.numel() >= 64):
+            counts[t.dtype] = counts.get(t.dtype, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("preset,packed", [("pool4", 1), ("authors_b1", 1), ("full4", 2), ("none", 0), ("int8", 0)])
 def test_compiled_relu_masks_are_packed_bits_eager_stays_native(preset, packed):
     # Once the next conv saves a pooled copy, the partitioner would save each ReLU's bool mask, which Inductor's CPU
-    # code writes slowly; conv-compressing presets save packed bits there under compile (exact: the test above).
-    m = actcomp.compress(_stem(), preset).train()
+    # code writes slowly. Conv-compressing presets with native ReLUs: a ReLU of a BatchNorm's output is recomputed in
+    # backward from what the norm saves (nothing saved), the one after the shortcut's in-place add saves packed bits.
+    # full4 codes the norms' inputs, so both save packed bits (exact: test_timm_families... below).
+    m = actcomp.compress(_residual_net(), preset).train()
     assert _forward_graph_targets(m, torch.randn(2, 3, 8, 8)).count("actcomp.region_bits.default") == packed
     if not PRESETS[preset].compresses_convs or PRESETS[preset].relu != "none":
         return
-    assert m[2]._actcomp.compiled_only
-    y = m[:3](torch.randn(2, 3, 8, 8))  # eager: the native in-place ReLU, and nothing recorded or converted
+    assert m[1].act1._actcomp.compiled_only and m._actcomp.kind == "root"
+    y = m[1].act1(m[1].bn1(m[1].conv1(m[0](torch.randn(2, 3, 8, 8)))))  # eager: the native ReLU, nothing recorded
     assert type(y.grad_fn).__name__ == "ReluBackward0"
     assert not (actcomp.summary(m, torch.randn(2, 3, 8, 8)).op == "relu").any()
+
+
+@pytest.mark.parametrize("preset,uint8", [("pool4", 1), ("p2q8", 4)])
+def test_compiled_relu_of_a_norm_saves_nothing_under_inductor(preset, uint8):
+    # What the partitioner really keeps: no bool masks (slow to write on CPU), the one packed mask (the ReLU after
+    # the in-place shortcut add; p2q8 adds its three conv-input codes), and no more float tensors than native.
+    x = torch.randn(2, 3, 16, 16)
+    native = _saved_by_inductor(_residual_net().train(), x)
+    saved = _saved_by_inductor(actcomp.compress(_residual_net(), preset).train(), x)
+    assert torch.bool not in saved and saved.get(torch.uint8) == uint8, saved
+    assert saved.get(torch.float32, 0) <= native[torch.float32], (saved, native)
+
+
+class _KeepsInput(nn.Module):
+    """An in-place activation whose return value is dropped: the caller reads the norm's output tensor again."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.bn, self.act = nn.BatchNorm2d(8), act
+
+    def forward(self, x):
+        out = self.bn(x)
+        self.act(out)
+        return out * 2
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6", "leaky_relu", "leaky_relu_negative_slope"])
+@pytest.mark.parametrize("where", ["residual", "kept", "graph_break"])
+def test_recomputed_relu_regions_match_eager(act, where):
+    # The ReLU family after a native norm under compile (recomputed region), in place or not, after an in-place add
+    # (packed bits), with its return value dropped (in-place semantics kept) and after a graph break.
+    if where == "residual":
+        m = _residual_net(ACTS[act])
+    elif where == "kept":
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _KeepsInput(ACTS[act]()), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    else:
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), _GraphBreak(), ACTS[act](),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    fwd, rel = _compare(m, "pool4", torch.randn(2, 3, 8, 8))
+    assert fwd == 0.0
+    assert max(rel.values()) == 0.0, rel
 
 
 def test_channels_last_pool4_compiled_within_summation_order():

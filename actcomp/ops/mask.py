@@ -16,6 +16,9 @@ op is saved as it is. There it reads the activation's *output* (the same region 
 next layer needs anyway, in whatever layout Inductor chose (``flexible_layout``), and packs 8 channels per byte:
 no extra full-size copy in forward, and under channels_last the backward's unpack reads one byte for 8
 consecutive elements. Same bytes as the flat packing.
+
+Under ``torch.compile`` an activation of a native norm's untouched output saves nothing instead
+(:class:`RegionRecomputed`): its region is recomputed in backward from the norm's own saved input.
 """
 from __future__ import annotations
 
@@ -117,25 +120,61 @@ class MaskedActivation(torch.autograd.Function):
         return dx, None, None, None, None, None, None
 
 
-def _apply(x, fn, lo, hi, slope, inplace, name):
-    if inplace and torch.compiler.is_compiling():
-        return x.copy_(MaskedActivation.apply(x, fn, lo, hi, slope, False, name))
+class RegionRecomputed(torch.autograd.Function):
+    """Under ``torch.compile`` only, for an activation of a norm's output (``recompute`` in :func:`relu`): saves the
+    activation's input and takes the region from it in backward, with the same product as
+    :class:`MaskedActivation` (so the same bits). Inductor's partitioner then recomputes the input from what the
+    norm saves anyway (its input and statistics) inside the norm's backward kernels: nothing saved, no extra pass.
+
+    The partitioner's choice is empirical (tests/test_compile.py checks it): given the output (as the native ReLU
+    backward is, through a view) it saves a bool mask instead, which Inductor's CPU code writes slowly; given the
+    input of an in-place call, Dynamo hands backward the tensor after the copy back, with the same result. So an
+    in-place call saves a clone of its input, which the partitioner recomputes and never writes."""
+
+    kind = "activation"
+
+    @staticmethod
+    def forward(ctx, x, fn, lo, hi, slope, inplace, name):
+        ctx.region, ctx.slope, ctx.actcomp_name, ctx.kind = (lo, hi), slope, name, "activation"
+        ctx.save_for_backward(x.clone() if inplace else x)
+        return fn(x, False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        m = _region(x, *ctx.region)
+        if ctx.slope == 0.0 and dy.is_floating_point():
+            dx = dy * m.to(dy.dtype)
+        elif ctx.slope == 0.0:
+            dx = dy * m
+        else:
+            dx = torch.where(m, dy, dy * ctx.slope)
+        return dx, None, None, None, None, None, None
+
+
+def _apply(x, fn, lo, hi, slope, inplace, name, recompute=False):
+    if torch.compiler.is_compiling():
+        cls = RegionRecomputed if recompute else MaskedActivation
+        y = cls.apply(x, fn, lo, hi, slope, inplace and recompute, name)
+        return x.copy_(y) if inplace else y  # out of place, copied back: see the module docstring
     return MaskedActivation.apply(x, fn, lo, hi, slope, inplace, name)
 
 
-def relu(x, inplace=False, name=""):
-    return _apply(x, lambda t, ip: F.relu(t, inplace=ip), 0.0, None, 0.0, inplace, name)
+# recompute=True (honoured under torch.compile only): x is a norm's output that nothing changed since, so the
+# partitioner can rebuild it in backward from what the norm saves anyway (RegionRecomputed); otherwise packed bits.
+def relu(x, inplace=False, name="", recompute=False):
+    return _apply(x, lambda t, ip: F.relu(t, inplace=ip), 0.0, None, 0.0, inplace, name, recompute)
 
 
-def hardtanh(x, min_val=-1.0, max_val=1.0, inplace=False, name=""):
+def hardtanh(x, min_val=-1.0, max_val=1.0, inplace=False, name="", recompute=False):
     return _apply(
         x, lambda t, ip: F.hardtanh(t, min_val, max_val, inplace=ip), float(min_val), float(max_val), 0.0, inplace,
-        name,
+        name, recompute,
     )
 
 
-def leaky_relu(x, negative_slope=0.01, inplace=False, name=""):
+def leaky_relu(x, negative_slope=0.01, inplace=False, name="", recompute=False):
     return _apply(
         x, lambda t, ip: F.leaky_relu(t, negative_slope, inplace=ip), 0.0, None, float(negative_slope),
-        inplace, name,
+        inplace, name, recompute,
     )
