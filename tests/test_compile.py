@@ -98,6 +98,10 @@ def test_region_bits_round_trips_in_every_layout(shape, layout, lo, hi):
     assert bits.is_contiguous() and bits.stride() == torch.empty(bits.shape).stride()
     assert bits.dim() == (4 if len(shape) == 4 and x.shape[1] % 8 == 0 else 1)
     assert torch.equal(_unpack(bits, x.shape, torch.bool), _region(x, lo, hi))
+    if bits.dim() == 4 and x.is_contiguous():  # the plain-op packing used under compile: the same bytes
+        from actcomp.ops.mask import pack_channels
+        assert torch.equal(pack_channels(x, lo, hi), bits)
+        assert torch.equal(torch.compile(pack_channels, backend="aot_eager")(x, lo, hi), bits)
 
 
 def _tiny():
@@ -203,9 +207,15 @@ def test_compiled_relu_masks_are_packed_bits_eager_stays_native(preset, packed):
     # Once the next conv saves a pooled copy, the partitioner would save each ReLU's bool mask, which Inductor's CPU
     # code writes slowly. Conv-compressing presets with native ReLUs: a ReLU of a BatchNorm's output is recomputed in
     # backward from what the norm saves (nothing saved), the one after the shortcut's in-place add saves packed bits.
-    # full4 codes the norms' inputs, so both save packed bits (exact: test_timm_families... below).
+    # full4 codes the norms' inputs, so both save packed bits (exact: test_timm_families... below). NCHW: plain ops
+    # (ops.mask.pack_channels) fused into the activation's kernel; channels_last: the opaque op region_bits.
     m = actcomp.compress(_residual_net(), preset).train()
-    assert _forward_graph_targets(m, torch.randn(2, 3, 8, 8)).count("actcomp.region_bits.default") == packed
+    x = torch.randn(2, 3, 8, 8)
+    targets = _forward_graph_targets(m, x)
+    assert targets.count("aten.bitwise_or.Tensor") == 7 * packed and "actcomp.region_bits.default" not in targets
+    cl = _forward_graph_targets(m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last))
+    assert cl.count("actcomp.region_bits.default") == packed
+    m.to(memory_format=torch.contiguous_format)
     if not PRESETS[preset].compresses_convs or PRESETS[preset].relu != "none":
         return
     assert m[1].act1._actcomp.compiled_only and m._actcomp.kind == "root"

@@ -9,13 +9,13 @@ mishandles ``mark_dirty`` on a tensor that enters the graph as an input (which a
 activation causes, e.g. a BatchNorm recomputed from int8 just before it): the returned alias bypasses this
 function's backward and the gradient skips the mask. A plain ``copy_`` is functionalized correctly.
 
-Under ``torch.compile`` the mask is packed by an opaque custom op (:func:`region_bits`, the eager kernels). Traced
-as plain ops, Inductor's partitioner either saves the comparison as a bool tensor, whose stores Inductor's CPU code
-writes about 10x slower than a ReLU, or recomputes compare + pack + unpack inside the backward kernels; the opaque
-op is saved as it is. There it reads the activation's *output* (the same region for every slope >= 0), which the
-next layer needs anyway, in whatever layout Inductor chose (``flexible_layout``), and packs 8 channels per byte:
-no extra full-size copy in forward, and under channels_last the backward's unpack reads one byte for 8
-consecutive elements. Same bytes as the flat packing.
+Under ``torch.compile`` the mask of the activation's *output* (the same region for every slope >= 0) is packed 8
+channels per byte. For NCHW-contiguous activations with C % 8 == 0 the packing is plain pointwise ops
+(:func:`pack_channels`) that Inductor fuses into the kernel making the activation. Otherwise an opaque custom op
+does it (:func:`region_bits`, the eager kernels), in whatever layout Inductor chose (``flexible_layout``; under
+channels_last the backward's unpack reads one byte for 8 consecutive elements); as an opaque op it is saved as
+it is, where a plain bool comparison would be saved as a bool tensor, whose stores Inductor's CPU code writes about
+10x slower than a ReLU. Same bytes as the flat packing.
 
 Under ``torch.compile`` an activation of a native norm's untouched output saves nothing instead
 (:class:`RegionRecomputed`): its region is recomputed in backward from the norm's own saved input.
@@ -58,6 +58,19 @@ def region_bits(x: torch.Tensor, lo: float, hi: float | None) -> torch.Tensor:
     return _as_fake(r.sum(2, dtype=torch.uint8))
 
 
+def pack_channels(x: torch.Tensor, lo: float, hi: float | None) -> torch.Tensor:
+    """:func:`region_bits`' channel packing of an NCHW ``x`` in plain pointwise ops, for ``torch.compile``: each
+    output byte ORs eight shifted compares, which Inductor fuses into the kernel that makes ``x`` (no pass of its
+    own), and the partitioner keeps the packed bytes. (Summed over a size-8 dim instead, as region_bits does eagerly,
+    Inductor's CPU reduction ran 10-30x slower than ATen.)"""
+    n, c, h, w = x.shape
+    v = _region(x, lo, hi).view(n, c // 8, 8, h, w)
+    out = v[:, :, 0].to(torch.uint8)
+    for j in range(1, 8):
+        out = out | (v[:, :, j].to(torch.uint8) << j)
+    return out
+
+
 def _as_fake(t: torch.Tensor) -> torch.Tensor:
     # Exactly the fake's (standard contiguous) strides: compiled code views the result by them. .contiguous()
     # can keep odd strides on size-1 dims (H = W = 1), a clone in contiguous_format does not.
@@ -94,7 +107,9 @@ class MaskedActivation(torch.autograd.Function):
         if torch.compiler.is_compiling():  # out of place here (see _apply)
             y = fn(x, False)
             # For slope >= 0 the output is in the open region exactly where the input is (clamp, or sign kept).
-            ctx.save_for_backward(region_bits(y if slope >= 0 else x, lo, hi))
+            t = y if slope >= 0 else x
+            plain = _channel_packed(t.shape) and t.is_contiguous()
+            ctx.save_for_backward(pack_channels(t, lo, hi) if plain else region_bits(t, lo, hi))
             return y
         ctx.save_for_backward(pack_bits(_region(x, lo, hi)))
         if inplace:
