@@ -168,10 +168,12 @@ class RegionRecomputed(torch.autograd.Function):
 
 
 def _apply(x, fn, lo, hi, slope, inplace, name, recompute=False):
-    if torch.compiler.is_compiling():
-        cls = RegionRecomputed if recompute else MaskedActivation
-        y = cls.apply(x, fn, lo, hi, slope, inplace and recompute, name)
-        return x.copy_(y) if inplace else y  # out of place, copied back: see the module docstring
+    if torch.compiler.is_compiling():  # out of place, copied back: see the module docstring
+        if recompute:
+            y = RegionRecomputed.apply(x, fn, lo, hi, slope, inplace, name)
+        else:
+            y = MaskedActivation.apply(x, fn, lo, hi, slope, False, name)
+        return x.copy_(y) if inplace else y
     return MaskedActivation.apply(x, fn, lo, hi, slope, inplace, name)
 
 
