@@ -127,12 +127,15 @@ class MaskedActivation(torch.autograd.Function):
             # BatchNorm backward sums in layout order: channels_last must stay channels_last).
             m = _unpack(mask, ctx.shape, dy.dtype)
             return (m.mul_(dy) if dy.is_contiguous() else dy * m), None, None, None, None, None, None
-        m = _unpack(mask, ctx.shape, torch.bool)
-        if ctx.slope == 0.0:
-            dx = dy * m
-        else:
-            dx = torch.where(m, dy, dy * ctx.slope)
-        return dx, None, None, None, None, None, None
+        return _through(dy, _unpack(mask, ctx.shape, torch.bool), ctx.slope), None, None, None, None, None, None
+
+
+def _through(dy: torch.Tensor, m: torch.Tensor, slope: float) -> torch.Tensor:
+    """dy where the bool region ``m`` holds, ``slope`` * dy elsewhere (the product a bool-mask ReLU backward
+    takes; a floating dy multiplies by m in its own dtype, as MaskedActivation's fast path does)."""
+    if slope != 0.0:
+        return torch.where(m, dy, dy * slope)
+    return dy * (m.to(dy.dtype) if dy.is_floating_point() else m)
 
 
 class RegionRecomputed(torch.autograd.Function):
@@ -157,14 +160,7 @@ class RegionRecomputed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        m = _region(x, *ctx.region)
-        if ctx.slope == 0.0 and dy.is_floating_point():
-            dx = dy * m.to(dy.dtype)
-        elif ctx.slope == 0.0:
-            dx = dy * m
-        else:
-            dx = torch.where(m, dy, dy * ctx.slope)
-        return dx, None, None, None, None, None, None
+        return _through(dy, _region(x, *ctx.region), ctx.slope), None, None, None, None, None, None
 
 
 def _apply(x, fn, lo, hi, slope, inplace, name, recompute=False):
