@@ -39,9 +39,11 @@ def test_exactness_claims_hold_and_approximations_are_bounded(tmp_path, monkeypa
     assert df[df["output"] == "forward"]["bitwise"].all()
     conv_w = df[df["op"].str.startswith("conv") & (df["output"] == "weight")].set_index(["input", "preset"])
     blocks, noise = "N(0, 1), constant on 4×4 blocks", "N(0, 1) i.i.d."
-    # Pooling loses nothing when the input is constant over the blocks (up to rounding of the mean)...
+    # Pooling loses nothing when the input is constant over the blocks, up to rounding of the mean and summation
+    # order: on CPU the weight gradient is summed at block resolution (ops/blockgrad.py), in another order than
+    # native's fp32 sum, whose own error against fp64 is ~1.5e-6 here (tests/test_blockgrad.py)...
     for p in ("pool2", "pool4", "maxpool2"):
-        assert conv_w.loc[(blocks, p), "rel_l2"] < 1e-6, p
+        assert conv_w.loc[(blocks, p), "rel_l2"] < 1e-5, p
     # ...and is a real approximation on noise.
     assert conv_w.loc[(noise, "pool4"), "rel_l2"] > 0.1
     assert conv_w.loc[(noise, "authors_b1"), "bitwise"]
@@ -95,10 +97,11 @@ def test_self_padding_convs_lose_block_alignment_and_keep_pad_input(tmp_path, mo
     df = pd.read_csv(out / "padding.csv")
     assert set(PROV) <= set(df.columns) and (df["torch_threads"] == 1).all()
     w = df[df["part"] == "weight_grad"].set_index("conv")["rel_l2"]
-    # blocks still start at the image's corner: exact up to rounding of the block means
+    # blocks still start at the image's corner: exact up to rounding of the block means and summation order (see
+    # test_exactness_claims_hold_and_approximations_are_bounded)
     for c in ("zero padding 3×3 s1 (reference)", "zero padding 3×3 s2 (reference)", "timm Conv2dSame 3×3 s2 ('same')",
               "timm StdConv2d 3×3 s1"):
-        assert w[c] < 1e-6, c
+        assert w[c] < 1e-5, c
     # padded before the image: every block is shifted
     for c in ("reflect padding 3×3 s1", "replicate padding 3×3 s1", "circular padding 3×3 s1",
               "timm Conv2dSame 4×4 s1 ('same')"):

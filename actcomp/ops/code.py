@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from .conv import pointwise_factor, pool_blocks, pooled_weight_grad, resolve_padding, unpool_blocks
+from .blockgrad import block_weight_grad
+from .conv import (
+    block_grad_factor,
+    pointwise_factor,
+    pool_blocks,
+    pooled_weight_grad,
+    resolve_padding,
+    unpool_blocks,
+)
 
 __all__ = ["BITS", "CodedConv2d", "code_groups", "coded_nbytes", "decode", "encode", "pack_codes", "unpack_codes"]
 
@@ -154,6 +162,10 @@ class CodedConv2d(torch.autograd.Function):
         if need_w and f is not None:  # the exact 1x1 shortcut (conv.pooled_weight_grad): no full-size x̂
             x_low = decode(packed, lo, scale, bits, ctx.p_shape, dy.dtype)
             dw = pooled_weight_grad(dy, x_low, weight.to(dy.dtype), groups, f).to(weight.dtype)
+        fb = block_grad_factor(dy, weight.shape, stride, sym, extra, dilation, groups, block, (h, w))
+        if need_w and f is None and fb is not None:  # k×k: the weight gradient at block resolution (blockgrad.py)
+            x_low = decode(packed, lo, scale, bits, ctx.p_shape, dy.dtype)
+            dw = block_weight_grad(dy, x_low, weight.shape, stride, sym, groups, fb).to(weight.dtype)
         mask = (need_x, need_w and dw is None, need_b)
         if any(mask):
             if mask[1]:

@@ -22,13 +22,12 @@ shifts every block and mixes padding into the means; we deliberately do not copy
 """
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from .quant import fused_allowed, run_fused
+from .blockgrad import block_factor, block_weight_grad
+from .quant import compiled_copy, fused_allowed, modes_active, run_fused
 
 # Eager CPU block pooling through an Inductor-compiled kernel: ATen's CPU avg_pool2d is slow for these
 # non-overlapping windows (4x4: ~3 ReLU passes; 2x2 worse), the compiled loop is 2.5-10x faster and bitwise the
@@ -44,11 +43,8 @@ def _pool_kernel(k: tuple[int, int], divisor_override):
     def pool(t):
         return F.avg_pool2d(t, k, k, ceil_mode=True, divisor_override=divisor_override)
 
-    # Dynamo keeps its compiled entries (and their recompile limit, 8) per code object: one per (window,
-    # divisor), so that only dtypes and edge cases share it
-    code = pool.__code__.replace(co_name=f"avg_pool_{k[0]}x{k[1]}_{divisor_override}")
-    fn = types.FunctionType(code, pool.__globals__, code.co_name, None, pool.__closure__)
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    return torch.compile(compiled_copy(pool, f"avg_pool_{k[0]}x{k[1]}_{divisor_override}"), dynamic=True,
+                         fullgraph=True)
 
 
 def _avg_pool(x: torch.Tensor, k: tuple[int, int], divisor_override=None) -> torch.Tensor:
@@ -124,6 +120,16 @@ def pooled_weight_grad(dy, p, weight, groups, f):
         dy_sum, p, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups, (False, True, False))[1]
 
 
+def block_grad_factor(dy, weight_shape, stride, sym, extra, dilation, groups, block, hw):
+    """f for :func:`blockgrad.block_weight_grad` where the weight gradient from the upsampled input is computed at
+    block resolution instead (CPU only so far, see there), else None: the caller then upsamples. Not under a
+    dispatch mode (CPU memory measurement), so that it measures what the meta-device prediction, which models CUDA,
+    predicts; under torch.compile, traced like any other ops."""
+    if dy.device.type != "cpu" or (not torch.compiler.is_compiling() and modes_active()):
+        return None
+    return block_factor(weight_shape, stride, sym, extra, dilation, block, hw, groups)
+
+
 def pooled_nbytes(shape, block: int, itemsize: int) -> int:
     n, c, h, w = shape
     return n * c * (-(-h // block)) * (-(-w // block)) * itemsize
@@ -196,6 +202,9 @@ class PooledConv2d(torch.autograd.Function):
         f = pointwise_factor(weight.shape, stride, sym, extra, block)
         if need_w and dw is None and f is not None:
             dw = pooled_weight_grad(dy, saved.to(dy.dtype), weight_c, groups, f).to(weight.dtype)
+        fb = block_grad_factor(dy, weight.shape, stride, sym, extra, dilation, groups, block, (h, w))
+        if need_w and dw is None and fb is not None:
+            dw = block_weight_grad(dy, saved.to(dy.dtype), weight.shape, stride, sym, groups, fb).to(weight.dtype)
         mask = (need_x, need_w and dw is None, need_b)
         if any(mask):
             if mask[1]:

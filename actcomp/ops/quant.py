@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 import warnings
 
 import torch
@@ -172,10 +173,14 @@ def fused_allowed(t: torch.Tensor) -> bool:
     """Whether eager work on ``t`` may run through an Inductor-compiled CPU kernel (quantize here, pooling in
     ``conv.py``): on, CPU, a floating dtype, not compiling already, and no mode active."""
     return (FUSED["enabled"] and t.device.type == "cpu" and t.dtype in _FUSED_DTYPES
-            and not torch.compiler.is_compiling()
-            # a dispatch mode (fake tensors, memory tracking) or a live torch-function mode sees ATen ops;
-            # a compiled kernel would hide them or be traced by them
-            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled())
+            and not torch.compiler.is_compiling() and not modes_active())
+
+
+def modes_active() -> bool:
+    """Whether a dispatch mode (fake tensors, memory tracking) or a live torch-function mode sees the ATen ops: a
+    compiled kernel would hide them or be traced by them, and a CPU-only formulation would make what such a mode
+    measures differ from the meta-device prediction."""
+    return torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled()
 
 
 def _fused_ok(r: torch.Tensor) -> bool:
@@ -188,6 +193,13 @@ def compiled_quantize():
     if FUSED["fn"] is None:
         FUSED["fn"] = torch.compile(_plain_quantize, dynamic=True, fullgraph=True)
     return FUSED["fn"]
+
+
+def compiled_copy(fn, name: str):
+    """``fn`` with a code object of its own, named ``name``: Dynamo keeps its compiled entries (and their recompile
+    limit, 8) per code object, so each kernel variant gets one and only dtypes and edge cases share it."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 def run_fused(fn, what: str, *args):
