@@ -27,7 +27,6 @@ import torch
 __all__ = ["block_factor", "block_weight_grad"]
 
 
-
 # Below this many input channels per group (a stem conv on RGB) the native weight gradient is cheap and building
 # the window sums costs more (ad hoc: ResNet-50's 7x7 stem at 128 px, 40 ms upsampled vs 114 ms here at b=4).
 MIN_INPUT_CHANNELS = 8

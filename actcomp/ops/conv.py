@@ -22,12 +22,14 @@ shifts every block and mixes padding into the means; we deliberately do not copy
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .blockgrad import block_factor, block_weight_grad
-from .quant import compiled_copy, fused_allowed, modes_active, run_fused
+from .quant import fused_allowed, modes_active, run_fused
 
 # Eager CPU block pooling through an Inductor-compiled kernel: ATen's CPU avg_pool2d is slow for these
 # non-overlapping windows (4x4: ~3 ReLU passes; 2x2 worse), the compiled loop is 2.5-10x faster and bitwise the
@@ -43,8 +45,11 @@ def _pool_kernel(k: tuple[int, int], divisor_override):
     def pool(t):
         return F.avg_pool2d(t, k, k, ceil_mode=True, divisor_override=divisor_override)
 
-    return torch.compile(compiled_copy(pool, f"avg_pool_{k[0]}x{k[1]}_{divisor_override}"), dynamic=True,
-                         fullgraph=True)
+    # Dynamo keeps its compiled entries (and their recompile limit, 8) per code object: one per (window,
+    # divisor), so that only dtypes and edge cases share it
+    code = pool.__code__.replace(co_name=f"avg_pool_{k[0]}x{k[1]}_{divisor_override}")
+    fn = types.FunctionType(code, pool.__globals__, code.co_name, None, pool.__closure__)
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
 def _avg_pool(x: torch.Tensor, k: tuple[int, int], divisor_override=None) -> torch.Tensor:

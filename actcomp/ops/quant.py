@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 import warnings
 
 import torch
@@ -193,13 +192,6 @@ def compiled_quantize():
     if FUSED["fn"] is None:
         FUSED["fn"] = torch.compile(_plain_quantize, dynamic=True, fullgraph=True)
     return FUSED["fn"]
-
-
-def compiled_copy(fn, name: str):
-    """``fn`` with a code object of its own, named ``name``: Dynamo keeps its compiled entries (and their recompile
-    limit, 8) per code object, so each kernel variant gets one and only dtypes and edge cases share it."""
-    code = fn.__code__.replace(co_name=name)
-    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 def run_fused(fn, what: str, *args):
